@@ -1,0 +1,1 @@
+"""Lightning callbacks: sample grids, FID/FD, loss curves."""
