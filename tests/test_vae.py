@@ -1,0 +1,250 @@
+"""Behaviour of the CompVis AutoencoderKL, its posterior and its weight loader."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from repae.modules.vae import (
+    VAE_CONFIGS,
+    AttnBlock,
+    AutoencoderKL,
+    DiagonalGaussianDistribution,
+    build_vae,
+    load_vae_weights,
+)
+
+
+def build_on_meta(name: str) -> AutoencoderKL:
+    with torch.device("meta"):
+        return build_vae(name)
+
+
+def num_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("name, params, tensors", [("f8d4", 83_653_863, 248), ("f16d32", 69_836_067, 342)])
+def test_official_configs_match_reference_parameter_and_tensor_counts(name, params, tensors):
+    vae = build_on_meta(name)
+    assert num_parameters(vae) == params
+    assert len(vae.state_dict()) == tensors
+
+
+def test_f8d4_encoder_decoder_split_matches_reference():
+    vae = build_on_meta("f8d4")
+    assert round(num_parameters(vae.encoder) / 1e6, 2) == 34.16
+    assert round(num_parameters(vae.decoder) / 1e6, 2) == 49.49
+
+
+def test_state_dict_uses_compvis_key_layout():
+    keys = set(build_on_meta("f8d4").state_dict())
+    for key in [
+        "encoder.conv_in.weight",
+        "encoder.down.0.block.0.norm1.weight",
+        "encoder.down.0.block.1.conv2.bias",
+        "encoder.down.1.block.0.nin_shortcut.weight",
+        "encoder.down.2.downsample.conv.weight",
+        "encoder.mid.block_1.conv1.weight",
+        "encoder.mid.attn_1.q.weight",
+        "encoder.mid.attn_1.proj_out.bias",
+        "encoder.mid.block_2.norm2.bias",
+        "encoder.norm_out.weight",
+        "encoder.conv_out.weight",
+        "decoder.conv_in.weight",
+        "decoder.mid.attn_1.norm.weight",
+        "decoder.up.0.block.2.conv1.weight",
+        "decoder.up.0.block.0.nin_shortcut.weight",
+        "decoder.up.3.upsample.conv.weight",
+        "decoder.norm_out.bias",
+        "decoder.conv_out.weight",
+        "quant_conv.weight",
+        "post_quant_conv.bias",
+    ]:
+        assert key in keys, key
+    # The last level downsamples / the first level upsamples nothing.
+    assert not any(k.startswith("encoder.down.3.downsample") for k in keys)
+    assert not any(k.startswith("decoder.up.0.upsample") for k in keys)
+    assert not any(k.startswith("decoder.up.3.block.3") for k in keys)
+    # Attention weights are 1x1 convs (not diffusers linears).
+    assert build_on_meta("f8d4").state_dict()["encoder.mid.attn_1.k.weight"].shape == (512, 512, 1, 1)
+
+
+def test_decoder_up_zero_is_highest_resolution_level():
+    vae = build_on_meta("f8d4")
+    # f8d4 channels per level: 128, 256, 512, 512; up.0 ends at 128 channels next to conv_out.
+    assert vae.decoder.up[0].block[-1].conv2.out_channels == 128
+    assert vae.decoder.up[0].block[0].conv1.in_channels == 256
+    assert vae.decoder.up[3].block[0].conv1.in_channels == 512
+    assert vae.decoder.conv_out.in_channels == 128
+    assert vae.quant_conv.weight.shape == (8, 8, 1, 1)
+    assert vae.post_quant_conv.weight.shape == (4, 4, 1, 1)
+
+
+def test_f16d32_has_attention_only_at_its_16px_level():
+    vae = build_on_meta("f16d32")
+    assert [len(level.attn) for level in vae.encoder.down] == [0, 0, 0, 0, 2]
+    assert [len(level.attn) for level in vae.decoder.up] == [0, 0, 0, 0, 3]
+    assert vae.encoder.down[4].attn[0].q.in_channels == 512
+    assert vae.downsample_factor == 16
+    assert vae.latent_channels == 32
+
+
+def test_f8d4_has_no_attention_besides_mid():
+    vae = build_on_meta("f8d4")
+    assert all(len(level.attn) == 0 for level in vae.encoder.down)
+    assert all(len(level.attn) == 0 for level in vae.decoder.up)
+    assert sum(isinstance(m, AttnBlock) for m in vae.modules()) == 2
+    assert vae.downsample_factor == 8
+    assert vae.latent_channels == 4
+
+
+def test_tiny_vae_is_small():
+    assert num_parameters(build_on_meta("f4d4-tiny")) < 1_000_000
+
+
+def test_tiny_vae_round_trip_shapes_on_32px_images():
+    torch.manual_seed(0)
+    vae = build_vae("f4d4-tiny")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    posterior, z, recon = vae(x)
+    assert posterior.mean.shape == (2, 4, 8, 8)
+    assert z.shape == (2, 4, 8, 8)
+    assert recon.shape == (2, 3, 32, 32)
+    assert torch.equal(vae.decode(z), recon)
+    _, _, no_recon = vae(x, return_recon=False)
+    assert no_recon is None
+
+
+def test_sampled_latent_backpropagates_into_encoder():
+    torch.manual_seed(0)
+    vae = build_vae("f4d4-tiny")
+    _, z, _ = vae(torch.randn(2, 3, 32, 32), return_recon=False)
+    z.square().sum().backward()
+    assert vae.encoder.conv_in.weight.grad is not None
+    assert vae.encoder.conv_in.weight.grad.abs().sum() > 0
+    assert vae.quant_conv.weight.grad.abs().sum() > 0
+    assert vae.post_quant_conv.weight.grad is None
+
+
+def test_build_vae_applies_overrides_and_rejects_unknown_names():
+    vae = build_vae("f4d4-tiny", embed_dim=8)
+    assert vae.latent_channels == 8
+    assert vae.encoder.conv_out.out_channels == 16
+    with pytest.raises(ValueError, match="f16d32"):
+        build_vae("f8d16")
+
+
+def test_constructor_accepts_lists_as_hydra_passes_them():
+    config = {**VAE_CONFIGS["f4d4-tiny"], "ch_mult": [1, 2, 2], "attn_resolutions": [8]}
+    vae = AutoencoderKL(**config)
+    assert len(vae.encoder.down[2].attn) == 1
+    assert vae(torch.randn(1, 3, 32, 32))[2].shape == (1, 3, 32, 32)
+
+
+def test_kl_matches_closed_form():
+    torch.manual_seed(0)
+    params = torch.randn(3, 8, 4, 5)
+    posterior = DiagonalGaussianDistribution(params)
+    mean, logvar = params[:, :4], params[:, 4:]
+    expected = torch.stack([0.5 * (mean[b] ** 2 + logvar[b].exp() - 1 - logvar[b]).sum() for b in range(3)])
+    assert posterior.kl().shape == (3,)
+    torch.testing.assert_close(posterior.kl(), expected)
+    assert DiagonalGaussianDistribution(torch.zeros(2, 8, 3, 3)).kl().abs().max() == 0
+
+
+def test_logvar_is_clamped_to_minus_30_and_20():
+    params = torch.zeros(1, 2, 1, 3)
+    params[0, 1] = torch.tensor([-100.0, 5.0, 100.0])
+    posterior = DiagonalGaussianDistribution(params)
+    assert posterior.logvar.flatten().tolist() == [-30.0, 5.0, 20.0]
+    torch.testing.assert_close(posterior.var, posterior.logvar.exp())
+    torch.testing.assert_close(posterior.std, (0.5 * posterior.logvar).exp())
+
+
+def test_mode_is_mean_and_sample_is_mean_plus_std_noise():
+    torch.manual_seed(0)
+    posterior = DiagonalGaussianDistribution(torch.randn(2, 6, 4, 4))
+    assert torch.equal(posterior.mode(), posterior.mean)
+    generator = torch.Generator().manual_seed(123)
+    noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(123))
+    torch.testing.assert_close(posterior.sample(generator), posterior.mean + posterior.std * noise)
+
+
+def test_from_mean_std_round_trips_the_cached_latent_format():
+    torch.manual_seed(0)
+    posterior = DiagonalGaussianDistribution(torch.randn(2, 8, 4, 4))
+    cached = torch.cat([posterior.mean, posterior.std], dim=1)
+    restored = DiagonalGaussianDistribution.from_mean_std(cached)
+    assert torch.equal(restored.mean, posterior.mean)
+    torch.testing.assert_close(restored.std, posterior.std)
+    torch.testing.assert_close(restored.logvar, posterior.logvar)
+
+
+def test_attention_block_equals_explicit_softmax_attention():
+    torch.manual_seed(0)
+    block = AttnBlock(64)
+    for conv in (block.q, block.k, block.v, block.proj_out):
+        torch.nn.init.normal_(conv.weight, std=0.2)
+    x = torch.randn(2, 64, 5, 6)
+
+    h = block.norm(x)
+    q = block.q(h).reshape(2, 64, 30).permute(0, 2, 1)  # [B, HW, C]
+    k = block.k(h).reshape(2, 64, 30)  # [B, C, HW]
+    weights = F.softmax(torch.bmm(q, k) * 64**-0.5, dim=2)  # [B, HW(query), HW(key)]
+    v = block.v(h).reshape(2, 64, 30)
+    out = torch.bmm(v, weights.permute(0, 2, 1)).reshape(2, 64, 5, 6)
+    expected = x + block.proj_out(out)
+
+    torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_load_vae_weights_missing_file_names_the_config_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.vae.weights_path"):
+        load_vae_weights(build_vae("f4d4-tiny"), tmp_path / "nope.pt")
+
+
+def test_load_vae_weights_round_trips_exactly(tmp_path):
+    torch.manual_seed(0)
+    source = build_vae("f4d4-tiny")
+    torch.save(source.state_dict(), tmp_path / "vae.pt")
+    torch.save({"vae": source.state_dict()}, tmp_path / "wrapped.pt")
+    for file in ("vae.pt", "wrapped.pt"):
+        torch.manual_seed(1)
+        target = build_vae("f4d4-tiny")
+        load_vae_weights(target, tmp_path / file)
+        for key, value in source.state_dict().items():
+            assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_load_vae_weights_wrong_architecture_lists_keys_and_shapes(tmp_path):
+    torch.save(build_vae("f4d4-tiny", attn_resolutions=(8,)).state_dict(), tmp_path / "attn.pt")
+    with pytest.raises(ValueError, match="model.vae.weights_path") as error:
+        load_vae_weights(build_vae("f4d4-tiny"), tmp_path / "attn.pt")
+    assert "unexpected keys: encoder.down.2.attn.0" in str(error.value)
+
+    torch.save(build_vae("f4d4-tiny", embed_dim=8).state_dict(), tmp_path / "d8.pt")
+    with pytest.raises(
+        ValueError, match=r"shape mismatches: .*expected \(8, 64, 3, 3\), found \(16, 64, 3, 3\)"
+    ):
+        load_vae_weights(build_vae("f4d4-tiny"), tmp_path / "d8.pt")
+
+
+def test_load_vae_weights_non_strict_tolerates_missing_keys_but_not_shapes(tmp_path):
+    torch.save(build_vae("f4d4-tiny").state_dict(), tmp_path / "plain.pt")
+    target = build_vae("f4d4-tiny", attn_resolutions=(8,))
+    with pytest.raises(ValueError, match="missing keys: encoder.down.2.attn.0"):
+        load_vae_weights(target, tmp_path / "plain.pt")
+    with pytest.warns(UserWarning, match="missing keys"):
+        result = load_vae_weights(target, tmp_path / "plain.pt", strict=False)
+    assert "encoder.down.2.attn.0.q.weight" in result.missing_keys
+
+
+def test_load_vae_weights_rejects_files_that_are_not_state_dicts(tmp_path):
+    (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="model.vae.weights_path"):
+        load_vae_weights(build_vae("f4d4-tiny"), tmp_path / "garbage.pt")
+    torch.save({"epoch": 3}, tmp_path / "not_sd.pt")
+    with pytest.raises(ValueError, match="not a state_dict"):
+        load_vae_weights(build_vae("f4d4-tiny"), tmp_path / "not_sd.pt")
