@@ -1,0 +1,42 @@
+"""Exponential moving average of a model's parameters and floating-point buffers."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+
+def make_ema(model: nn.Module) -> nn.Module:
+    """A frozen deep copy of ``model`` in eval mode, to be updated with ``update_ema``."""
+    ema = copy.deepcopy(model).eval()
+    ema.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, for parameters and floating-point buffers.
+
+    As in the official ``update_ema``, floating-point buffers (the SiT's BatchNorm running mean and
+    variance) are averaged too, so sampling and E2E-VAE latent statistics come from the EMA;
+    integer buffers (``num_batches_tracked``) are copied. ``decay=0`` copies ``model`` exactly.
+    One fused ``_foreach_lerp_`` over all tensors instead of a Python loop of small kernels.
+    """
+    ema_tensors, model_tensors = [], []
+    for (name, ema_t), (model_name, model_t) in zip(
+        [*ema.named_parameters(), *ema.named_buffers()],
+        [*model.named_parameters(), *model.named_buffers()],
+        strict=True,
+    ):
+        assert name == model_name, f"EMA and model differ: {name} vs {model_name}"
+        if ema_t.is_floating_point():
+            ema_tensors.append(ema_t)
+            model_tensors.append(model_t.detach().to(ema_t.dtype))
+        else:
+            ema_t.copy_(model_t)
+    if decay == 0:
+        torch._foreach_copy_(ema_tensors, model_tensors)
+    else:
+        torch._foreach_lerp_(ema_tensors, model_tensors, 1.0 - decay)
