@@ -52,8 +52,9 @@ class DiagonalGaussianDistribution:
         return self.mean
 
     def kl(self) -> Tensor:
-        """KL(q || N(0, I)) summed over C, h, w: [B]."""
-        return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+        """KL(q || N(0, I)) summed over C, h, w: [B], in float32 (a bf16 sum over C*h*w is too coarse)."""
+        mean, logvar = self.mean.float(), self.logvar.float()
+        return 0.5 * torch.sum(mean.pow(2) + logvar.exp() - 1.0 - logvar, dim=[1, 2, 3])
 
 
 def Normalize(channels: int) -> nn.GroupNorm:
@@ -440,8 +441,8 @@ def load_vae_weights(vae: AutoencoderKL, path: str | Path, strict: bool = True):
     Accepts a plain state_dict or one wrapped under ``"vae"`` (REPA-E training checkpoints) or
     ``"state_dict"``. Strict by default: the official ``train_repae.py`` loads with ``strict=False``,
     which silently leaves any missing weight at its random initialisation.
-    See ``load_checked_state_dict`` for the errors raised (config key ``model.vae.weights_path``).
+    See ``load_checked_state_dict`` for the errors raised (config key ``model.vae_weights_path``).
     """
     return load_checked_state_dict(
-        vae, path, config_key="model.vae.weights_path", wrapper_keys=("vae", "state_dict"), strict=strict
+        vae, path, config_key="model.vae_weights_path", wrapper_keys=("vae", "state_dict"), strict=strict
     )

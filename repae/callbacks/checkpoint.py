@@ -1,0 +1,40 @@
+"""Checkpointing keyed on repae's step counter (one batch = one step)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that saves every ``every_n_steps`` repae steps (``pl_module.step``).
+
+    Lightning's ``every_n_train_steps`` counts optimizer steps, three per batch in end-to-end mode
+    (Lightning issue #17958), so it would save at the wrong steps. ``{step}`` in ``filename`` is
+    the repae step too. ``last.ckpt`` is written with every save and at the end of training.
+    """
+
+    def __init__(self, every_n_steps: int, **kwargs: Any):
+        if every_n_steps <= 0:
+            raise ValueError(f"every_n_steps must be positive, got {every_n_steps}")
+        super().__init__(every_n_train_steps=0, every_n_epochs=0, save_on_train_epoch_end=False, **kwargs)
+        self.every_n_steps = every_n_steps
+
+    def _monitor_candidates(self, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
+        candidates = super()._monitor_candidates(trainer)
+        candidates["step"] = torch.tensor(trainer.lightning_module.step)
+        return candidates
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        if pl_module.step % self.every_n_steps or self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -1,0 +1,344 @@
+"""The REPA-E LightningModule: SiT, VAE and discriminator trained together with manual optimization.
+
+One training step (end-to-end mode, reference §7.2):
+  1. encoder features of the raw uint8 batch, no grad;
+  2. VAE forward -> posterior, z (reparameterised), recon;
+  3. VAE loss = regularisation loss (generator mode) + vae_align_proj_coeff * REPA loss from an
+     ``align_only`` pass through the SiT with detached SiT parameters and the SiT in eval mode
+     (BN running stats, no label dropout); that pass draws t and noise;
+  4. discriminator loss on the detached recon;
+  5. SiT loss = mean denoising loss + proj_coeff * REPA loss on detached z, same t and noise,
+     SiT in train mode;
+  6. each loss is backpropagated into its own parameter set, gradients are clipped per set, and
+     the three AdamW steps run only if every gradient is finite; then the EMA is updated.
+
+The official code steps each optimizer right after its backward. None of the three passes reads
+parameters another optimizer has just changed (the SiT pass takes z and the D pass recon from
+before the VAE update in the official code too), so stepping all three at the end computes the
+same update, and it lets a non-finite loss skip all three updates together.
+
+LDM-only mode (reference §8): frozen VAE in eval mode (no optimizer), SiT BN fixed in eval mode
+with the latents-stats file, latents encoded on the fly or read from a latent cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn as nn
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from repae.modules.ema import make_ema, update_ema
+from repae.modules.encoders import build_encoders
+from repae.modules.losses import call_with_frozen_parameters
+from repae.modules.samplers import sample
+from repae.modules.vae import DiagonalGaussianDistribution, load_vae_weights
+
+MODES = ("e2e", "ldm_only")
+
+
+def to_plain(config: Any) -> Any:
+    """DictConfig -> plain dict/list, so hyperparameters load with torch.load(weights_only=True)."""
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    if isinstance(config, Mapping):
+        return {key: to_plain(value) for key, value in config.items()}
+    return config
+
+
+def load_latents_stats(path: str) -> dict[str, torch.Tensor]:
+    """Read a ``{vae}-latents-stats.pt`` file: {"latents_scale", "latents_bias"} of [1,C,1,1]."""
+    try:
+        stats = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"latents-stats file not found: {path}. Set model.latents_stats_path to the "
+            "'<vae>-latents-stats.pt' file released with the VAE (or written by repae's VAE extraction)."
+        ) from None
+    if not isinstance(stats, Mapping) or not {"latents_scale", "latents_bias"} <= set(stats):
+        raise ValueError(f"{path} is not a latents-stats file: expected keys latents_scale and latents_bias")
+    return stats
+
+
+class REPAE(pl.LightningModule):
+    """REPA-E training system. Sub-models are given as Hydra configs (``_target_`` dicts) so a
+    checkpoint's hyperparameters alone rebuild the architecture.
+
+    Args:
+        sit, vae, encoder, loss: configs of the SiT (``build_sit``), the VAE (``build_vae``), the
+            alignment encoders (``build_encoders``) and the VAE regularisation loss (which holds
+            the discriminator and the perceptual loss; unused in ``ldm_only`` mode).
+        mode: ``e2e`` (REPA-E) or ``ldm_only`` (frozen VAE).
+        proj_coeff: REPA weight in the SiT loss. vae_align_proj_coeff: REPA weight in the VAE loss.
+        optimizer: AdamW settings with the official names (learning_rate, vae_learning_rate,
+            disc_learning_rate, adam_beta1, adam_beta2, adam_weight_decay, adam_epsilon).
+        max_grad_norm: clip norm, applied separately to each parameter set.
+        ema_decay: decay of the SiT EMA.
+        max_train_steps: training stops after this many steps (one batch = one step).
+        max_consecutive_nonfinite: this many skipped steps in a row stop the run with an error.
+        vae_weights_path, latents_stats_path, discriminator_weights_path: pretrained files loaded
+            by ``load_pretrained`` when a run starts (not when it resumes).
+        sampling: defaults for ``generate`` (mode, num_steps, cfg_scale, guidance interval, ...).
+        compile: torch.compile the SiT and VAE in place.
+    """
+
+    def __init__(
+        self,
+        sit: Mapping,
+        vae: Mapping,
+        encoder: Mapping,
+        loss: Mapping | None = None,
+        mode: str = "e2e",
+        proj_coeff: float = 0.5,
+        vae_align_proj_coeff: float = 1.5,
+        optimizer: Mapping | None = None,
+        max_grad_norm: float = 1.0,
+        ema_decay: float = 0.9999,
+        max_train_steps: int = 400_000,
+        max_consecutive_nonfinite: int = 10,
+        vae_weights_path: str | None = None,
+        latents_stats_path: str | None = None,
+        discriminator_weights_path: str | None = None,
+        sampling: Mapping | None = None,
+        compile: bool = False,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown model.mode {mode!r}; choose one of {MODES}")
+        self.save_hyperparameters(to_plain({key: value for key, value in locals().items() if key not in ("self", "__class__")}))
+        self.automatic_optimization = False
+        self.mode = mode
+        self.proj_coeff = proj_coeff
+        self.vae_align_proj_coeff = vae_align_proj_coeff
+        self.optimizer_config = dict(to_plain(optimizer) or {})
+        self.max_grad_norm = max_grad_norm
+        self.ema_decay = ema_decay
+        self.max_train_steps = max_train_steps
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.sampling_defaults = dict(to_plain(sampling) or {})
+        self.compile_models = compile
+
+        self.encoders = build_encoders(**to_plain(encoder))
+        self.vae = instantiate(to_plain(vae))
+        self.sit = instantiate(to_plain(sit), z_dims=[e.embed_dim for e in self.encoders])
+        self.ema = make_ema(self.sit)
+        self.vae_loss = instantiate(to_plain(loss)) if mode == "e2e" else None
+        if mode == "ldm_only":
+            self.vae.requires_grad_(False).eval()
+
+        # The step counter: one batch = one step, whatever Lightning's global_step does with three
+        # optimizers. Checkpointed as a buffer.
+        self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long))
+        self.consecutive_nonfinite = 0
+        self.grad_scalers: list[torch.amp.GradScaler] | None = None
+
+    # --- set-up -------------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return int(self.train_step)
+
+    @property
+    def num_classes(self) -> int:
+        return self.sit.num_classes
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.sit.in_channels, self.sit.input_size, self.sit.input_size)
+
+    @property
+    def token_grid(self) -> int:
+        return self.sit.input_size // self.sit.patch_size
+
+    def load_pretrained(self) -> None:
+        """Load the pretrained VAE, latent statistics and discriminator named in the config, then
+        re-sync the EMA (as the official ``update_ema(decay=0)`` before training)."""
+        hp = self.hparams
+        if hp.vae_weights_path:
+            load_vae_weights(self.vae, hp.vae_weights_path)
+        if hp.latents_stats_path:
+            self.sit.init_bn(**load_latents_stats(hp.latents_stats_path))
+        elif self.mode == "ldm_only":
+            raise ValueError("ldm_only mode needs model.latents_stats_path: the SiT's fixed latent normalisation")
+        if hp.discriminator_weights_path and self.vae_loss is not None:
+            from repae.modules.discriminator import load_discriminator_weights
+
+            load_discriminator_weights(self.vae_loss.discriminator, hp.discriminator_weights_path)
+        update_ema(self.ema, self.sit, decay=0.0)
+
+    def setup(self, stage: str) -> None:
+        # 16-mixed: Lightning's single GradScaler would clip scaled gradients in manual mode and update
+        # its scale between our three steps; we keep one scaler per optimizer and unscale before clipping.
+        plugin = self.trainer.precision_plugin
+        if getattr(plugin, "scaler", None) is not None:
+            device = plugin.device if hasattr(plugin, "device") else "cuda"
+            self.grad_scalers = [torch.amp.GradScaler(device) for _ in self._parameter_groups()]
+            plugin.scaler = None
+        if self.compile_models and stage == "fit":
+            self.sit.compile()
+            self.vae.compile()
+
+    def _parameter_groups(self) -> list[tuple[str, list[nn.Parameter], float]]:
+        """(name, parameters, learning rate) per optimizer, in optimizer order."""
+        config = self.optimizer_config
+        groups = [("sit", [p for p in self.sit.parameters() if p.requires_grad], config.get("learning_rate", 1e-4))]
+        if self.mode == "e2e":
+            groups.append(("vae", list(self.vae.parameters()), config.get("vae_learning_rate", 1e-4)))
+            groups.append(("disc", list(self.vae_loss.discriminator.parameters()), config.get("disc_learning_rate", 1e-4)))
+        return groups
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        config = self.optimizer_config
+        return [
+            torch.optim.AdamW(
+                params,
+                lr=lr,
+                betas=(config.get("adam_beta1", 0.9), config.get("adam_beta2", 0.999)),
+                weight_decay=config.get("adam_weight_decay", 0.0),
+                eps=config.get("adam_epsilon", 1e-8),
+                foreach=config.get("foreach", None),
+            )
+            for _, params, lr in self._parameter_groups()
+        ]
+
+    # --- training -----------------------------------------------------------------------------
+    def encode_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [encoder(images, grid_size=self.token_grid) for encoder in self.encoders]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch["image"], batch["label"]
+        zs = self.encode_features(images)
+        if self.mode == "e2e":
+            losses, logs = self._e2e_losses(images, labels, zs)
+        else:
+            losses, logs = self._ldm_only_losses(batch, images, labels, zs)
+        self._optimize(losses, logs)
+        self.train_step += 1
+        logs["step"] = float(self.step)
+        self.log_dict(logs, on_step=True, prog_bar=False, logger=True, batch_size=images.shape[0])
+        self.log_dict({key: logs[key] for key in ("sit_loss", "proj_loss") if key in logs}, prog_bar=True,
+                      logger=False, batch_size=images.shape[0])
+
+    def _e2e_losses(self, images, labels, zs):
+        x = images.float() / 127.5 - 1
+        self.vae.train()
+        posterior, z, recon = self.vae(x)
+        reg_loss, reg_logs = self.vae_loss(x, recon, posterior, self.step, mode="generator")
+        # Frozen-SiT pass: eval mode (BN running stats, no label dropout), detached parameters.
+        self.sit.eval()
+        align = call_with_frozen_parameters(self.sit, z, labels, zs, align_only=True)
+        vae_align_loss = align["proj_loss"]
+        vae_loss = reg_loss + self.vae_align_proj_coeff * vae_align_loss
+
+        d_loss, d_logs = self.vae_loss(x, recon, posterior, self.step, mode="discriminator")
+
+        self.sit.train()
+        out = self.sit(z.detach(), labels, zs, time_input=align["time_input"], noises=align["noises"])
+        denoising_loss = out["denoising_loss"].mean()
+        sit_loss = denoising_loss + self.proj_coeff * out["proj_loss"]
+        logs = {
+            "sit_loss": sit_loss, "denoising_loss": denoising_loss, "proj_loss": out["proj_loss"],
+            "vae_loss": vae_loss, "vae_align_loss": vae_align_loss, "d_loss": d_loss,
+            **{key: value for key, value in reg_logs.items() if key != "total_loss"},
+            **{key: value for key, value in d_logs.items() if key != "discriminator_loss"},
+        }
+        return {"sit": sit_loss, "vae": vae_loss, "disc": d_loss}, logs
+
+    def _ldm_only_latents(self, batch, images) -> torch.Tensor:
+        with torch.no_grad():
+            if "latent" in batch:
+                return DiagonalGaussianDistribution.from_mean_std(batch["latent"].float()).sample()
+            return self.vae.encode(images.float() / 127.5 - 1).sample()
+
+    def _ldm_only_losses(self, batch, images, labels, zs):
+        z = self._ldm_only_latents(batch, images)
+        self.sit.train()
+        self.sit.bn.eval()  # fixed per-channel normalisation from the latents-stats file
+        out = self.sit(z, labels, zs)
+        denoising_loss = out["denoising_loss"].mean()
+        sit_loss = denoising_loss + self.proj_coeff * out["proj_loss"]
+        return {"sit": sit_loss}, {"sit_loss": sit_loss, "denoising_loss": denoising_loss, "proj_loss": out["proj_loss"]}
+
+    def _optimize(self, losses: dict[str, torch.Tensor], logs: dict[str, torch.Tensor]) -> None:
+        """Backward each loss into its parameter set, clip, and step all optimizers only if every
+        gradient norm is finite. Logs ``grad_norm_{sit,vae,disc}``."""
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        groups = self._parameter_groups()
+        scalers = self.grad_scalers or [None] * len(groups)
+        norms = []
+        for (name, params, _), optimizer, scaler in zip(groups, optimizers, scalers, strict=True):
+            optimizer.zero_grad(set_to_none=True)
+            loss = losses[name]
+            self.manual_backward(scaler.scale(loss) if scaler else loss)
+            if scaler:
+                scaler.unscale_(optimizer.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            logs[f"grad_norm_{name}"] = norm
+            norms.append(norm)
+        finite = bool(torch.stack([n.float() for n in norms]).isfinite().all())
+        if finite:
+            for optimizer in optimizers:
+                optimizer.step()
+            update_ema(self.ema, self.sit, self.ema_decay)
+            self.consecutive_nonfinite = 0
+        else:
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_steps += 1
+            self.consecutive_nonfinite += 1
+            if self.consecutive_nonfinite >= self.max_consecutive_nonfinite:
+                raise FloatingPointError(
+                    f"{self.consecutive_nonfinite} consecutive steps with non-finite losses or gradients "
+                    f"(last at step {self.step}); stopping. Resume from the last checkpoint, "
+                    "e.g. with a lower learning rate or bf16 instead of 16-mixed precision."
+                )
+        for scaler in scalers:
+            if scaler:
+                scaler.update()
+        logs["nonfinite_steps"] = self.nonfinite_steps.float()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.step >= self.max_train_steps:
+            self.trainer.should_stop = True
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def _frozen_prefixes(self) -> tuple[str, ...]:
+        """Submodules rebuilt from their own weight files, kept out of checkpoints."""
+        return ("encoders.", "vae_loss.perceptual.")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        prefixes = self._frozen_prefixes()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
+        if self.grad_scalers:
+            checkpoint["grad_scalers"] = [scaler.state_dict() for scaler in self.grad_scalers]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        prefixes = self._frozen_prefixes()
+        checkpoint["state_dict"].update({k: v for k, v in self.state_dict().items() if k.startswith(prefixes)})
+        if self.grad_scalers and "grad_scalers" in checkpoint:
+            for scaler, state in zip(self.grad_scalers, checkpoint["grad_scalers"], strict=True):
+                scaler.load_state_dict(state)
+
+    # --- sampling -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, labels: torch.Tensor, noise: torch.Tensor, use_ema: bool = True, **sampler_kwargs) -> torch.Tensor:
+        """Sample images for ``labels`` [B] from ``noise`` [B,C,h,w] -> uint8 [B,3,H,W].
+
+        The sampler runs in normalised latent space; latents are de-normalised with the (EMA) SiT's
+        BN statistics and decoded by the VAE; uint8 conversion truncates as the official code.
+        """
+        model = self.ema if use_ema else self.sit
+        kwargs = {**self.sampling_defaults, **sampler_kwargs}
+        kwargs.setdefault("null_class", model.num_classes)
+        was_training = self.vae.training
+        self.vae.eval()
+        latents = sample(model, noise, labels, **kwargs)
+        images = self.vae.decode(model.denormalize_latents(latents.to(noise.dtype)))
+        self.vae.train(was_training)
+        return ((images.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
