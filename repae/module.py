@@ -64,6 +64,20 @@ def load_latents_stats(path: str) -> dict[str, torch.Tensor]:
     return stats
 
 
+def rng_state() -> dict[str, Any]:
+    """This process's torch RNG states (CPU and, if used, CUDA): t and noise are drawn from them."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 class REPAE(pl.LightningModule):
     """REPA-E training system. Sub-models are given as Hydra configs (``_target_`` dicts) so a
     checkpoint's hyperparameters alone rebuild the architecture.
@@ -136,6 +150,7 @@ class REPAE(pl.LightningModule):
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long))
         self.consecutive_nonfinite = 0
         self.grad_scalers: list[torch.amp.GradScaler] | None = None
+        self.rng_states_to_restore: list[dict[str, Any]] | None = None
 
     # --- set-up -------------------------------------------------------------------------------
     @property
@@ -220,9 +235,11 @@ class REPAE(pl.LightningModule):
         self._optimize(losses, logs)
         self.train_step += 1
         logs["step"] = float(self.step)
-        self.log_dict(logs, on_step=True, prog_bar=False, logger=True, batch_size=images.shape[0])
-        self.log_dict({key: logs[key] for key in ("sit_loss", "proj_loss") if key in logs}, prog_bar=True,
-                      logger=False, batch_size=images.shape[0])
+        logs["epoch"] = float(self.current_epoch)
+        shown = ("sit_loss", "vae_loss", "d_loss")
+        for prog_bar in (False, True):
+            self.log_dict({key: value for key, value in logs.items() if (key in shown) == prog_bar},
+                          on_step=True, prog_bar=prog_bar, batch_size=images.shape[0])
 
     def _e2e_losses(self, images, labels, zs):
         x = images.float() / 127.5 - 1
@@ -317,6 +334,12 @@ class REPAE(pl.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
         if self.grad_scalers:
             checkpoint["grad_scalers"] = [scaler.state_dict() for scaler in self.grad_scalers]
+        # Every rank's RNG state, so a resumed run draws the same t, noise and label dropout.
+        states = [rng_state()]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, rng_state())
+        checkpoint["rng_states"] = states
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         prefixes = self._frozen_prefixes()
@@ -324,6 +347,14 @@ class REPAE(pl.LightningModule):
         if self.grad_scalers and "grad_scalers" in checkpoint:
             for scaler, state in zip(self.grad_scalers, checkpoint["grad_scalers"], strict=True):
                 scaler.load_state_dict(state)
+        self.rng_states_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        # After the per-rank reseeding, which would otherwise restart the random streams.
+        states = self.rng_states_to_restore
+        if states and len(states) == self.trainer.world_size:
+            set_rng_state(states[self.global_rank])
+        self.rng_states_to_restore = None
 
     # --- sampling -----------------------------------------------------------------------------
     @torch.no_grad()

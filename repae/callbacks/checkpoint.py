@@ -14,7 +14,11 @@ class StepCheckpoint(ModelCheckpoint):
 
     Lightning's ``every_n_train_steps`` counts optimizer steps, three per batch in end-to-end mode
     (Lightning issue #17958), so it would save at the wrong steps. ``{step}`` in ``filename`` is
-    the repae step too. ``last.ckpt`` is written with every save and at the end of training.
+    the repae step too. ``last.ckpt`` is written with every save and after the final step.
+
+    The final step is saved from ``on_train_batch_end``, not ``on_train_end``: by then Lightning
+    has closed the epoch, and a run resumed from such a checkpoint (say, to train longer) would
+    start a new epoch with a new data order instead of continuing the interrupted one.
     """
 
     def __init__(self, every_n_steps: int, **kwargs: Any):
@@ -29,7 +33,8 @@ class StepCheckpoint(ModelCheckpoint):
         return candidates
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
-        if pl_module.step % self.every_n_steps or self._should_skip_saving_checkpoint(trainer):
+        final_step = pl_module.step >= pl_module.max_train_steps
+        if (pl_module.step % self.every_n_steps and not final_step) or self._should_skip_saving_checkpoint(trainer):
             return
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)

@@ -60,12 +60,12 @@ def load_discriminator_weights(discriminator: NLayerDiscriminator, path: str | P
     """Load discriminator weights (e.g. ``sdvae-f8d4-discriminator-ckpt.pt``) from ``path``.
 
     Accepts a plain state_dict or one wrapped under ``"discriminator"`` or ``"state_dict"``. Raises
-    FileNotFoundError / ValueError naming the config key ``model.loss.discriminator_weights_path``.
+    FileNotFoundError / ValueError naming the config key ``model.discriminator_weights_path``.
     """
     return load_checked_state_dict(
         discriminator,
         path,
-        config_key="model.loss.discriminator_weights_path",
+        config_key="model.discriminator_weights_path",
         wrapper_keys=("discriminator", "state_dict"),
         strict=strict,
     )

@@ -1,0 +1,47 @@
+"""Shared fixtures: the Hydra config of a tiny demo run, composed the way `python -m repae.train` does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+# A run small enough for a 2-core CPU: 32px Fashion-MNIST, tiny VAE, 2-block SiT, 4 images a batch.
+TINY_OVERRIDES = [
+    "experiment=demo",
+    "data.dataset.max_images=64",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "model.sit.depth=2",
+    "model.sit.hidden_size=48",
+    "model.sit.num_heads=2",
+    "model.sit.encoder_depth=1",
+    "model.sit.projector_dim=32",
+    "model.max_train_steps=3",
+    "model.sampling.num_steps=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_model_summary=false",
+    "callbacks.progress_bar=null",
+    "callbacks.image_grid.num_images=4",
+    "logger=csv",
+]
+
+
+def compose_config(run_dir: Path, *overrides: str) -> DictConfig:
+    """The composed training config for a tiny run writing into ``run_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*TINY_OVERRIDES, *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+    return cfg
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    return lambda *overrides: compose_config(tmp_path / "run", *overrides)
