@@ -71,11 +71,11 @@ def test_load_discriminator_weights_round_trips_exactly(tmp_path):
 
 
 def test_load_discriminator_weights_errors_name_the_config_key(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model.loss.discriminator_weights_path"):
+    with pytest.raises(FileNotFoundError, match="model.discriminator_weights_path"):
         load_discriminator_weights(NLayerDiscriminator(), tmp_path / "missing.pt")
     torch.save(NLayerDiscriminator(ndf=32).state_dict(), tmp_path / "small.pt")
     with pytest.raises(
         ValueError,
-        match=r"model.loss.discriminator_weights_path.*expected \(64, 3, 4, 4\), found \(32, 3, 4, 4\)",
+        match=r"model.discriminator_weights_path.*expected \(64, 3, 4, 4\), found \(32, 3, 4, 4\)",
     ):
         load_discriminator_weights(NLayerDiscriminator(), tmp_path / "small.pt")

@@ -201,7 +201,7 @@ def test_attention_block_equals_explicit_softmax_attention():
 
 
 def test_load_vae_weights_missing_file_names_the_config_key(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model.vae.weights_path"):
+    with pytest.raises(FileNotFoundError, match="model.vae_weights_path"):
         load_vae_weights(build_vae("f4d4-tiny"), tmp_path / "nope.pt")
 
 
@@ -220,7 +220,7 @@ def test_load_vae_weights_round_trips_exactly(tmp_path):
 
 def test_load_vae_weights_wrong_architecture_lists_keys_and_shapes(tmp_path):
     torch.save(build_vae("f4d4-tiny", attn_resolutions=(8,)).state_dict(), tmp_path / "attn.pt")
-    with pytest.raises(ValueError, match="model.vae.weights_path") as error:
+    with pytest.raises(ValueError, match="model.vae_weights_path") as error:
         load_vae_weights(build_vae("f4d4-tiny"), tmp_path / "attn.pt")
     assert "unexpected keys: encoder.down.2.attn.0" in str(error.value)
 
@@ -243,7 +243,7 @@ def test_load_vae_weights_non_strict_tolerates_missing_keys_but_not_shapes(tmp_p
 
 def test_load_vae_weights_rejects_files_that_are_not_state_dicts(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
-    with pytest.raises(ValueError, match="model.vae.weights_path"):
+    with pytest.raises(ValueError, match="model.vae_weights_path"):
         load_vae_weights(build_vae("f4d4-tiny"), tmp_path / "garbage.pt")
     torch.save({"epoch": 3}, tmp_path / "not_sd.pt")
     with pytest.raises(ValueError, match="not a state_dict"):
