@@ -9,8 +9,9 @@ One training step (end-to-end mode, reference §7.2):
   4. discriminator loss on the detached recon;
   5. SiT loss = mean denoising loss + proj_coeff * REPA loss on detached z, same t and noise,
      SiT in train mode;
-  6. each loss is backpropagated into its own parameter set, gradients are clipped per set, and
-     the three AdamW steps run only if every gradient is finite; then the EMA is updated.
+  6. each loss is backpropagated into its own parameter set as soon as it is formed (so only one
+     pass's activations are alive at a time), gradients are clipped per set, and the three AdamW
+     steps run at the end, only if every gradient is finite; then the EMA is updated.
 
 The official code steps each optimizer right after its backward. None of the three passes reads
 parameters another optimizer has just changed (the SiT pass takes z and the D pass recon from
@@ -23,7 +24,8 @@ with the latents-stats file, latents encoded on the fly or read from a latent ca
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import cached_property, partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -191,13 +193,14 @@ class REPAE(pl.LightningModule):
         plugin = self.trainer.precision_plugin
         if getattr(plugin, "scaler", None) is not None:
             device = plugin.device if hasattr(plugin, "device") else "cuda"
-            self.grad_scalers = [torch.amp.GradScaler(device) for _ in self._parameter_groups()]
+            self.grad_scalers = [torch.amp.GradScaler(device) for _ in self.parameter_groups]
             plugin.scaler = None
         if self.compile_models and stage == "fit":
             self.sit.compile()
             self.vae.compile()
 
-    def _parameter_groups(self) -> list[tuple[str, list[nn.Parameter], float]]:
+    @cached_property
+    def parameter_groups(self) -> list[tuple[str, list[nn.Parameter], float]]:
         """(name, parameters, learning rate) per optimizer, in optimizer order."""
         config = self.optimizer_config
         groups = [("sit", [p for p in self.sit.parameters() if p.requires_grad], config.get("learning_rate", 1e-4))]
@@ -217,7 +220,7 @@ class REPAE(pl.LightningModule):
                 eps=config.get("adam_epsilon", 1e-8),
                 foreach=config.get("foreach", None),
             )
-            for _, params, lr in self._parameter_groups()
+            for _, params, lr in self.parameter_groups
         ]
 
     # --- training -----------------------------------------------------------------------------
@@ -228,20 +231,24 @@ class REPAE(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch["image"], batch["label"]
         zs = self.encode_features(images)
+        grad_norms: dict[str, torch.Tensor] = {}
+        backward = partial(self._backward, grad_norms=grad_norms)
         if self.mode == "e2e":
-            losses, logs = self._e2e_losses(images, labels, zs)
+            logs = self._e2e_losses(images, labels, zs, backward)
         else:
-            losses, logs = self._ldm_only_losses(batch, images, labels, zs)
-        self._optimize(losses, logs)
+            logs = self._ldm_only_losses(batch, images, labels, zs, backward)
+        self._step_if_finite(grad_norms)
         self.train_step += 1
-        logs["step"] = float(self.step)
-        logs["epoch"] = float(self.current_epoch)
+        logs.update({f"grad_norm_{name}": norm for name, norm in grad_norms.items()})
+        logs.update(step=float(self.step), epoch=float(self.current_epoch), nonfinite_steps=self.nonfinite_steps.float())
         shown = ("sit_loss", "vae_loss", "d_loss")
         for prog_bar in (False, True):
             self.log_dict({key: value for key, value in logs.items() if (key in shown) == prog_bar},
                           on_step=True, prog_bar=prog_bar, batch_size=images.shape[0])
 
-    def _e2e_losses(self, images, labels, zs):
+    def _e2e_losses(self, images, labels, zs, backward: Callable[[str, torch.Tensor], None]) -> dict[str, torch.Tensor]:
+        """The three losses of an end-to-end step, each handed to ``backward(name, loss)`` as soon as
+        it is formed, so only one pass's activations are alive at a time. Returns the logs."""
         x = images.float() / 127.5 - 1
         self.vae.train()
         posterior, z, recon = self.vae(x)
@@ -251,20 +258,22 @@ class REPAE(pl.LightningModule):
         align = call_with_frozen_parameters(self.sit, z, labels, zs, align_only=True)
         vae_align_loss = align["proj_loss"]
         vae_loss = reg_loss + self.vae_align_proj_coeff * vae_align_loss
+        backward("vae", vae_loss)
 
         d_loss, d_logs = self.vae_loss(x, recon, posterior, self.step, mode="discriminator")
+        backward("disc", d_loss)
 
         self.sit.train()
         out = self.sit(z.detach(), labels, zs, time_input=align["time_input"], noises=align["noises"])
         denoising_loss = out["denoising_loss"].mean()
         sit_loss = denoising_loss + self.proj_coeff * out["proj_loss"]
-        logs = {
+        backward("sit", sit_loss)
+        return {
             "sit_loss": sit_loss, "denoising_loss": denoising_loss, "proj_loss": out["proj_loss"],
             "vae_loss": vae_loss, "vae_align_loss": vae_align_loss, "d_loss": d_loss,
             **{key: value for key, value in reg_logs.items() if key != "total_loss"},
             **{key: value for key, value in d_logs.items() if key != "discriminator_loss"},
         }
-        return {"sit": sit_loss, "vae": vae_loss, "disc": d_loss}, logs
 
     def _ldm_only_latents(self, batch, images) -> torch.Tensor:
         with torch.no_grad():
@@ -272,40 +281,45 @@ class REPAE(pl.LightningModule):
                 return DiagonalGaussianDistribution.from_mean_std(batch["latent"].float()).sample()
             return self.vae.encode(images.float() / 127.5 - 1).sample()
 
-    def _ldm_only_losses(self, batch, images, labels, zs):
+    def _ldm_only_losses(self, batch, images, labels, zs, backward) -> dict[str, torch.Tensor]:
         z = self._ldm_only_latents(batch, images)
         self.sit.train()
         self.sit.bn.eval()  # fixed per-channel normalisation from the latents-stats file
         out = self.sit(z, labels, zs)
         denoising_loss = out["denoising_loss"].mean()
         sit_loss = denoising_loss + self.proj_coeff * out["proj_loss"]
-        return {"sit": sit_loss}, {"sit_loss": sit_loss, "denoising_loss": denoising_loss, "proj_loss": out["proj_loss"]}
+        backward("sit", sit_loss)
+        return {"sit_loss": sit_loss, "denoising_loss": denoising_loss, "proj_loss": out["proj_loss"]}
 
-    def _optimize(self, losses: dict[str, torch.Tensor], logs: dict[str, torch.Tensor]) -> None:
-        """Backward each loss into its parameter set, clip, and step all optimizers only if every
-        gradient norm is finite. Logs ``grad_norm_{sit,vae,disc}``."""
+    def _optimizers_by_name(self) -> dict[str, tuple]:
+        """name -> (LightningOptimizer, parameters, GradScaler or None), in optimizer order."""
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        groups = self._parameter_groups()
+        groups = self.parameter_groups
         scalers = self.grad_scalers or [None] * len(groups)
-        norms = []
-        for (name, params, _), optimizer, scaler in zip(groups, optimizers, scalers, strict=True):
-            optimizer.zero_grad(set_to_none=True)
-            loss = losses[name]
-            self.manual_backward(scaler.scale(loss) if scaler else loss)
-            if scaler:
-                scaler.unscale_(optimizer.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-            logs[f"grad_norm_{name}"] = norm
-            norms.append(norm)
-        finite = bool(torch.stack([n.float() for n in norms]).isfinite().all())
-        if finite:
-            for optimizer in optimizers:
+        return {name: (optimizer, params, scaler)
+                for (name, params, _), optimizer, scaler in zip(groups, optimizers, scalers, strict=True)}
+
+    def _backward(self, name: str, loss: torch.Tensor, grad_norms: dict[str, torch.Tensor]) -> None:
+        """Backpropagate ``loss`` into parameter set ``name`` and clip its (unscaled) gradients."""
+        optimizer, params, scaler = self._optimizers_by_name()[name]
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(scaler.scale(loss) if scaler else loss)
+        if scaler:
+            scaler.unscale_(optimizer.optimizer)
+        grad_norms[name] = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+
+    def _step_if_finite(self, grad_norms: dict[str, torch.Tensor]) -> None:
+        """Step every optimizer and the EMA if all gradient norms are finite; otherwise skip all of
+        them together, so the three models stay consistent, and count the skip."""
+        optimizers = self._optimizers_by_name()
+        if bool(torch.stack([norm.float() for norm in grad_norms.values()]).isfinite().all()):
+            for optimizer, _, _ in optimizers.values():
                 optimizer.step()
             update_ema(self.ema, self.sit, self.ema_decay)
             self.consecutive_nonfinite = 0
         else:
-            for optimizer in optimizers:
+            for optimizer, _, _ in optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
             self.nonfinite_steps += 1
             self.consecutive_nonfinite += 1
@@ -315,10 +329,9 @@ class REPAE(pl.LightningModule):
                     f"(last at step {self.step}); stopping. Resume from the last checkpoint, "
                     "e.g. with a lower learning rate or bf16 instead of 16-mixed precision."
                 )
-        for scaler in scalers:
+        for _, _, scaler in optimizers.values():
             if scaler:
                 scaler.update()
-        logs["nonfinite_steps"] = self.nonfinite_steps.float()
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.step >= self.max_train_steps:

@@ -27,6 +27,7 @@ TINY_OVERRIDES = [
     "trainer.log_every_n_steps=1",
     "trainer.enable_model_summary=false",
     "callbacks.progress_bar=null",
+    "callbacks.fid=null",
     "callbacks.image_grid.num_images=4",
     "logger=csv",
 ]

@@ -472,3 +472,11 @@ def test_build_encoders_parses_the_comma_separated_enc_type(dinov2_s_checkpoint)
 def test_build_encoders_needs_one_path_per_encoder_in_string_form():
     with pytest.raises(ValueError, match="2 files for 1 encoders"):
         build_encoders("effnet-lite0", "a.pth,b.pth")
+
+
+def test_random_weights_are_an_explicit_opt_in_for_benchmarks():
+    from repae.modules.encoders import build_encoder
+
+    encoder = build_encoder("dinov2-vit-s", weights_path="random")
+    tokens = encoder(torch.randint(0, 256, (1, 3, 256, 256), dtype=torch.uint8))
+    assert tokens.shape == (1, 256, 384) and torch.isfinite(tokens).all()

