@@ -90,9 +90,9 @@ def test_image_grid_is_written_with_fixed_inputs_and_the_right_size(tmp_path):
     trainer.fit(module, datamodule=RandomImages())
 
     # Step 2 (periodic) and step 3 (train end).
-    names = sorted(f for f in os.listdir(trainer.log_dir) if f.startswith("samples_"))
+    names = sorted(f for f in os.listdir(trainer.default_root_dir) if f.startswith("samples_"))
     assert names == ["samples_step0000002.png", "samples_step0000003.png"]
-    with Image.open(os.path.join(trainer.log_dir, names[0])) as png:
+    with Image.open(os.path.join(trainer.default_root_dir, names[0])) as png:
         # 6 images of 8x8 in rows of ceil(sqrt(6)) = 3 with 2-pixel padding: 2 rows x 3 columns.
         assert png.size == (3 * (IMAGE_SIZE + 2) + 2, 2 * (IMAGE_SIZE + 2) + 2)
         assert png.mode == "RGB"
@@ -273,7 +273,7 @@ def test_loss_curve_is_plotted_and_its_history_survives_resume(tmp_path):
     curve = LossCurveCallback(keys=("sit_loss", "d_loss", "proj_loss"), every_n_steps=2)
     trainer = make_trainer(tmp_path / "first", [curve], max_steps=3)
     trainer.fit(StubREPAE(), datamodule=RandomImages())
-    png = os.path.join(trainer.log_dir, "loss_curve.png")
+    png = os.path.join(trainer.default_root_dir, "loss_curve.png")
     assert os.path.getsize(png) > 0
     with Image.open(png) as image:
         assert image.format == "PNG"
@@ -292,7 +292,7 @@ def test_loss_curve_is_plotted_and_its_history_survives_resume(tmp_path):
     resumed.fit(StubREPAE(), datamodule=RandomImages(), ckpt_path=checkpoint)
     assert resumed_curve.history["sit_loss"]["steps"] == [1, 2, 3, 4, 5]
     np.testing.assert_allclose(resumed_curve.history["sit_loss"]["values"][3], 0.8**6, rtol=1e-6)
-    assert os.path.exists(os.path.join(resumed.log_dir, "loss_curve.png"))
+    assert os.path.exists(os.path.join(resumed.default_root_dir, "loss_curve.png"))
 
     restored = LossCurveCallback(keys=("sit_loss",))
     restored.load_state_dict(resumed_curve.state_dict())

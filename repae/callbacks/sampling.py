@@ -43,11 +43,8 @@ def current_step(pl_module: LightningModule) -> int:
 
 
 def run_dir(trainer: Trainer) -> str:
-    """Where run artefacts go: the logger's directory, else ``trainer.default_root_dir``.
-
-    ``trainer.log_dir`` broadcasts from rank 0, so every rank must call this.
-    """
-    return trainer.log_dir or trainer.default_root_dir
+    """Where run artefacts (sample grids, loss curve) go: the run directory, next to checkpoints/."""
+    return trainer.default_root_dir
 
 
 def _with_generator(sampler_kwargs: dict, seed: int, device: torch.device) -> dict:
