@@ -66,6 +66,23 @@ def load_latents_stats(path: str) -> dict[str, torch.Tensor]:
     return stats
 
 
+def check_state_dict_matches(found: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    """Raise one readable ValueError when a checkpoint was written by another architecture."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = [f"{key}: expected {tuple(expected[key].shape)}, found {tuple(found[key].shape)}"
+                  for key in sorted(set(found) & set(expected)) if found[key].shape != expected[key].shape]
+    if missing or unexpected or mismatched:
+        def first(items: list[str]) -> str:
+            return ", ".join(items[:5]) + (f", ... ({len(items)} in total)" if len(items) > 5 else "") or "none"
+
+        raise ValueError(
+            "the checkpoint does not match the configured model (was it written by another experiment?). "
+            f"Missing keys: {first(missing)}. Unexpected keys: {first(unexpected)}. "
+            f"Shape mismatches: {first(mismatched)}."
+        )
+
+
 def rng_state() -> dict[str, Any]:
     """This process's torch RNG states (CPU and, if used, CUDA): t and noise are drawn from them."""
     state = {"cpu": torch.get_rng_state()}
@@ -356,7 +373,9 @@ class REPAE(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         prefixes = self._frozen_prefixes()
-        checkpoint["state_dict"].update({k: v for k, v in self.state_dict().items() if k.startswith(prefixes)})
+        own = self.state_dict()
+        checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(prefixes)})
+        check_state_dict_matches(checkpoint["state_dict"], own)
         if self.grad_scalers and "grad_scalers" in checkpoint:
             for scaler, state in zip(self.grad_scalers, checkpoint["grad_scalers"], strict=True):
                 scaler.load_state_dict(state)

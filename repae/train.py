@@ -9,12 +9,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import logging
+import zipfile
+
 import hydra
 import lightning.pytorch as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from repae.datamodules.datasets import CorruptSampleError
 from repae.module import to_plain
+
+log = logging.getLogger(__name__)
+
+# Errors that mean "the input is wrong", reported as one message instead of a traceback.
+INPUT_ERRORS = (FileNotFoundError, ValueError, CorruptSampleError, FloatingPointError)
 
 
 def instantiate_dict(config: DictConfig | None) -> list:
@@ -28,9 +38,25 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     if cfg.ckpt_path:
         if not Path(cfg.ckpt_path).is_file():
             raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
-        return str(cfg.ckpt_path)
-    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    return str(last) if cfg.resume and last.is_file() else None
+        path = Path(cfg.ckpt_path)
+    else:
+        path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        if not (cfg.resume and path.is_file()):
+            return None
+    check_readable_checkpoint(path)
+    return str(path)
+
+
+def check_readable_checkpoint(path: Path) -> None:
+    """A torch checkpoint is a zip archive; a truncated one has no readable central directory."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ValueError(
+            f"checkpoint {path} is truncated or not a torch checkpoint ({error}). Delete it to start "
+            "afresh, or set ckpt_path to an earlier checkpoint in the same folder."
+        ) from None
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -50,9 +76,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
 
 
+def input_error(error: BaseException) -> BaseException | None:
+    """The user-facing cause of ``error`` if it is bad input (Hydra wraps errors raised while
+    building an object from the config), else None."""
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    return error if isinstance(error, INPUT_ERRORS) else None
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    try:
+        train(cfg)
+    except Exception as error:
+        cause = input_error(error)
+        if cause is None:
+            raise
+        log.error("%s: %s", type(cause).__name__, cause)
+        raise SystemExit(f"error: {cause}") from None
 
 
 if __name__ == "__main__":
