@@ -160,7 +160,9 @@ class LatentPartWriter(BasePredictionWriter):
         self.latents_stats_path = latents_stats_path
         self.keep_work_dir = keep_work_dir
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ):
         indices = prediction["index"].cpu().numpy()
         final = self.work_dir / f"part-{indices[0]:08d}-r{trainer.global_rank}-{uuid.uuid4().hex[:8]}.npz"
         partial = final.with_suffix(".npz.tmp")
@@ -200,9 +202,13 @@ def _check_manifest(work_dir: Path, manifest: dict[str, Any]) -> None:
 def build_vae(cfg: DictConfig) -> AutoencoderKL:
     """The configured VAE with the weights of ``cfg.vae_weights_path`` (strict)."""
     if not cfg.vae_weights_path:
-        raise ValueError("vae_weights_path is not set: point it at the VAE state_dict file, e.g. pretrained/NAME/NAME.pt")
+        raise ValueError(
+            "vae_weights_path is not set: point it at the VAE state_dict file, e.g. pretrained/NAME/NAME.pt"
+        )
     vae = instantiate(cfg.vae)
-    load_checked_state_dict(vae, cfg.vae_weights_path, config_key="vae_weights_path", wrapper_keys=("vae", "state_dict"))
+    load_checked_state_dict(
+        vae, cfg.vae_weights_path, config_key="vae_weights_path", wrapper_keys=("vae", "state_dict")
+    )
     return vae
 
 
@@ -212,8 +218,10 @@ def cache_latents(cfg: DictConfig) -> None:
     output_dir = Path(cfg.output_dir)
     work_dir = Path(cfg.work_dir)
     if (output_dir / f"{cfg.latents_name}_h5.json").is_file() and not work_dir.exists() and not cfg.overwrite:
-        log.info("%s already exists: nothing to do (set overwrite=true to encode again)",
-                 output_dir / f"{cfg.latents_name}.h5")
+        log.info(
+            "%s already exists: nothing to do (set overwrite=true to encode again)",
+            output_dir / f"{cfg.latents_name}.h5",
+        )
         return
     output_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)

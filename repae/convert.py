@@ -81,7 +81,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def _with_prefix(state: Mapping[str, Tensor], prefix: str) -> StateDict:
-    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
 
 
 def training_components(checkpoint: Mapping[str, Any]) -> dict[str, StateDict | None]:
@@ -168,7 +168,9 @@ def official_overrides(args: argparse.Namespace | Mapping[str, Any], ldm_only: b
     overrides = ["model=ldm_only"] if ldm_only else []
     if "vae" in values:
         if values["vae"] not in VAE_CONFIGS:
-            raise ValueError(f"the official run used --vae {values['vae']!r}, unknown to repae ({sorted(VAE_CONFIGS)})")
+            raise ValueError(
+                f"the official run used --vae {values['vae']!r}, unknown to repae ({sorted(VAE_CONFIGS)})"
+            )
         overrides.append(f"model.vae.name={values['vae']}")
         vae_config = VAE_CONFIGS[values["vae"]]
         overrides.append(f"model.sit.in_channels={vae_config['embed_dim']}")
@@ -204,12 +206,30 @@ def compose_train_config(overrides: Sequence[str]) -> DictConfig:
         return compose(config_name="train", overrides=list(overrides))
 
 
-def _checked(module: nn.Module, state: Mapping[str, Tensor], what: str) -> None:
-    """Load ``state`` strictly into ``module`` (usually on the meta device) or raise a ValueError."""
-    try:
-        module.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as error:
-        raise ValueError(f"{what} does not fit the configured model: {error}") from None
+def _check_fits(module: nn.Module, state: Mapping[str, Tensor], what: str) -> None:
+    """Raise a ValueError unless ``state`` has exactly the keys and shapes of ``module``'s state_dict.
+
+    ``module`` is not modified, so it may live on the meta device.
+    """
+    expected = module.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    mismatched = [
+        f"{key}: expected {tuple(expected[key].shape)}, found {tuple(state[key].shape)}"
+        for key in expected
+        if key in state and state[key].shape != expected[key].shape
+    ]
+    problems = [
+        f"{len(found)} {kind} ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''})"
+        for kind, found in [
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        ]
+        if found
+    ]
+    if problems:
+        raise ValueError(f"{what} does not fit the configured {type(module).__name__}: {'; '.join(problems)}")
 
 
 def _projector_dims(sit_state: Mapping[str, Tensor]) -> list[int]:
@@ -290,6 +310,7 @@ def from_official(
     output_path: str | Path,
     overrides: Sequence[str] = (),
     vae_weights_path: str | Path | None = None,
+    discriminator_weights_path: str | Path | None = None,
     fresh_optimizers: bool = False,
 ) -> list[str]:
     """Convert an official ``train_repae.py`` / ``train_ldm_only.py`` checkpoint to a repae Lightning checkpoint.
@@ -307,14 +328,20 @@ def from_official(
         overrides: further Hydra overrides (paths, trainer, a smaller SiT config for tests, ...).
         vae_weights_path: the VAE of a ``train_ldm_only.py`` run, which does not save it (its
             ``--vae-ckpt``); ignored for ``train_repae.py`` checkpoints, which include the VAE.
-        fresh_optimizers: start with empty Adam moments instead of the official ones.
+        discriminator_weights_path: a discriminator file for an end-to-end checkpoint saved without
+            one; without it such a checkpoint gets a freshly initialised discriminator (fine for
+            generation, not for fine-tuning).
+        fresh_optimizers: start with empty Adam moments instead of the official ones (an optimizer
+            state missing from the checkpoint always starts empty).
 
     Returns:
         All Hydra overrides used: pass them with ``ckpt_path=OUTPUT`` to ``python -m repae.train``.
     """
     checkpoint = load_checkpoint(checkpoint_path)
     if "model" not in checkpoint or "ema" not in checkpoint:
-        raise ValueError(f"{checkpoint_path} is not an official training checkpoint (no 'model' and 'ema' entries)")
+        raise ValueError(
+            f"{checkpoint_path} is not an official training checkpoint (no 'model' and 'ema' entries)"
+        )
     parts = training_components(checkpoint)
     ldm_only = parts["vae"] is None
     args = checkpoint.get("args", argparse.Namespace())
@@ -334,9 +361,9 @@ def from_official(
     with torch.device("meta"):
         sit = instantiate(model_cfg["sit"], z_dims=_projector_dims(parts["sit"]))
         vae = instantiate(model_cfg["vae"])
-    _checked(sit, parts["sit"], f"{checkpoint_path}['model']")
-    _checked(sit, parts["ema"], f"{checkpoint_path}['ema']")
-    _checked(vae, parts["vae"], "the VAE weights")
+    _check_fits(sit, parts["sit"], f"{checkpoint_path}['model']")
+    _check_fits(sit, parts["ema"], f"{checkpoint_path}['ema']")
+    _check_fits(vae, parts["vae"], "the VAE weights")
     state_dict: StateDict = {
         **{f"sit.{k}": v for k, v in parts["sit"].items()},
         **{f"ema.{k}": v for k, v in parts["ema"].items()},
@@ -352,18 +379,44 @@ def from_official(
         _parameter_order(parts["sit"], sit), "learning_rate",
     )]  # fmt: skip
     if model_cfg.get("mode", "e2e") == "e2e":
-        if parts["discriminator"] is None:
-            raise ValueError(f"{checkpoint_path} has a VAE but no discriminator; an e2e run needs both")
-        # The loss module without its perceptual network (frozen, rebuilt from its own file on load);
-        # loading with assign=True puts the official discriminator tensors into it.
+        # The official D optimizer state only belongs to the checkpoint's own discriminator.
+        own_discriminator = parts["discriminator"] is not None and discriminator_weights_path is None
+        disc_optimizer = "opt_disc" if own_discriminator else None
+        if discriminator_weights_path is not None:
+            discriminator = load_checkpoint(discriminator_weights_path)
+            parts["discriminator"] = dict(discriminator.get("discriminator", discriminator))
+        # The loss module without its perceptual network (frozen, rebuilt from its own file on load),
+        # for its buffers (logvar, ...) and a discriminator to check against or to start from.
         loss = instantiate({**model_cfg["loss"], "perceptual": {"_target_": "torch.nn.Identity"}})
-        _checked(loss.discriminator, parts["discriminator"], f"{checkpoint_path}['discriminator']")
         state_dict.update({f"vae_loss.{k}": v for k, v in loss.state_dict().items()})
-        groups.append((list(vae.named_parameters()), "opt_vae", _parameter_order(parts["vae"], vae),
-                       "vae_learning_rate"))
-        groups.append((list(loss.discriminator.named_parameters()), "opt_disc", None, "disc_learning_rate"))
+        if parts["discriminator"] is None:
+            log.warning(
+                "%s has no discriminator: it starts freshly initialised (pass --discriminator-weights "
+                "to fine-tune with a trained one)",
+                checkpoint_path,
+            )
+        else:
+            _check_fits(loss.discriminator, parts["discriminator"], "the discriminator weights")
+            state_dict.update({f"vae_loss.discriminator.{k}": v for k, v in parts["discriminator"].items()})
+        groups.append(
+            (
+                list(vae.named_parameters()),
+                "opt_vae",
+                _parameter_order(parts["vae"], vae),
+                "vae_learning_rate",
+            )
+        )
+        groups.append(
+            (list(loss.discriminator.named_parameters()), disc_optimizer, None, "disc_learning_rate")
+        )
     optimizer_states = [
-        _adamw_state(params, None if fresh_optimizers else checkpoint.get(key), names, optimizer_config, lr_key)
+        _adamw_state(
+            params,
+            None if fresh_optimizers or key is None else checkpoint.get(key),
+            names,
+            optimizer_config,
+            lr_key,
+        )
         for params, key, names, lr_key in groups
     ]
     output = {
@@ -374,7 +427,7 @@ def from_official(
         "optimizer_states": optimizer_states,
         "lr_schedulers": [],
         "hyper_parameters": {key: value for key, value in model_cfg.items() if key != "_target_"},
-        "converted_from": {"path": str(checkpoint_path), "args": {k: v for k, v in vars(args).items()}},
+        "converted_from": {"path": str(checkpoint_path), "args": dict(vars(args))},
     }
     Path(output_path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(output, output_path)
@@ -383,7 +436,13 @@ def from_official(
 
 # --- diffusers ---------------------------------------------------------------------------------
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
+_RESNET = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "nin_shortcut": "conv_shortcut",
+}
 _ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 # Attention names of diffusers < 0.14 files, accepted on import.
 _LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -393,7 +452,7 @@ def _diffusers_key(key: str, num_levels: int) -> str:
     """CompVis key -> diffusers key (``decoder.up.{l}`` is ``decoder.up_blocks.{num_levels-1-l}``)."""
     part = r"(\w+)\.(weight|bias)"
     rules = [
-        (rf"(encoder|decoder)\.(conv_in|conv_out)\.(weight|bias)", lambda m: m.group(0)),
+        (r"(encoder|decoder)\.(conv_in|conv_out)\.(weight|bias)", lambda m: m.group(0)),
         (r"(encoder|decoder)\.norm_out\.(weight|bias)", lambda m: f"{m.group(1)}.conv_norm_out.{m.group(2)}"),
         (r"(quant_conv|post_quant_conv)\.(weight|bias)", lambda m: m.group(0)),
         (rf"(encoder|decoder)\.mid\.block_([12])\.{part}",
@@ -437,7 +496,7 @@ def _key_map(vae: AutoencoderKL) -> dict[str, str]:
 
 def vae_to_diffusers_state_dict(vae: AutoencoderKL, state: Mapping[str, Tensor]) -> StateDict:
     """CompVis state_dict of ``vae``'s architecture -> diffusers ``AutoencoderKL`` state_dict."""
-    _checked(vae, state, "the VAE weights")
+    _check_fits(vae, state, "the VAE weights")
     return {
         target: (state[key].flatten(1) if _is_attention_projection(key) else state[key]).contiguous().clone()
         for key, target in _key_map(vae).items()
@@ -470,23 +529,8 @@ def vae_from_diffusers_state_dict(vae: AutoencoderKL, state: Mapping[str, Tensor
         if _is_attention_projection(key) and value.numel() == expected[key].numel():
             value = value.reshape(expected[key].shape)
         converted[key] = value.contiguous().clone()
-    _checked(vae, converted, "the diffusers weights")
+    _check_fits(vae, converted, "the diffusers weights")
     return converted
-
-
-def _vae_arguments(vae: AutoencoderKL) -> dict[str, Any]:
-    """Constructor arguments of ``vae``, read off its modules."""
-    encoder = vae.encoder
-    ch = encoder.conv_in.out_channels
-    return {
-        "embed_dim": vae.embed_dim,
-        "ch": ch,
-        "ch_mult": list(vae.ch_mult),
-        "num_res_blocks": len(encoder.down[0].block),
-        "in_channels": encoder.conv_in.in_channels,
-        "out_channels": vae.decoder.conv_out.out_channels,
-        "attention_levels": [level for level, down in enumerate(encoder.down) if len(down.attn) > 0],
-    }
 
 
 def diffusers_config(vae: AutoencoderKL, latents_stats: Mapping[str, Tensor] | None = None) -> dict[str, Any]:
@@ -496,25 +540,25 @@ def diffusers_config(vae: AutoencoderKL, latents_stats: Mapping[str, Tensor] | N
     ``scaling_factor`` is 1 and, if ``latents_stats`` is given, ``latents_mean`` / ``latents_std``
     hold the per-channel statistics.
     """
-    arguments = _vae_arguments(vae)
-    if arguments["ch_mult"][0] != 1:
-        raise ValueError("diffusers' AutoencoderKL needs ch_mult[0] == 1 (its conv_in has block_out_channels[0] channels)")
-    attention = set(arguments["attention_levels"])
-    levels = range(len(arguments["ch_mult"]))
-    decoder_attention = [level for level, up in enumerate(vae.decoder.up) if len(up.attn) > 0]
-    if sorted(attention) != decoder_attention:
-        raise ValueError("encoder and decoder have attention at different levels; diffusers cannot express that")
+    ch = vae.encoder.conv_in.out_channels
+    if vae.ch_mult[0] != 1:
+        raise ValueError(
+            "diffusers' AutoencoderKL needs ch_mult[0] == 1 (its conv_in has block_out_channels[0] channels)"
+        )
+    # Encoder level l and decoder level l (decoder.up[l]) have attention alike, by construction.
+    attention = {level for level, down in enumerate(vae.encoder.down) if len(down.attn) > 0}
+    levels = range(len(vae.ch_mult))
     config = {
         "_class_name": "AutoencoderKL",
         "_diffusers_version": "0.33.1",
-        "in_channels": arguments["in_channels"],
-        "out_channels": arguments["out_channels"],
+        "in_channels": vae.encoder.conv_in.in_channels,
+        "out_channels": vae.decoder.conv_out.out_channels,
         "down_block_types": ["AttnDownEncoderBlock2D" if level in attention else "DownEncoderBlock2D" for level in levels],
         "up_block_types": ["AttnUpDecoderBlock2D" if level in attention else "UpDecoderBlock2D" for level in reversed(levels)],
-        "block_out_channels": [arguments["ch"] * mult for mult in arguments["ch_mult"]],
-        "layers_per_block": arguments["num_res_blocks"],
+        "block_out_channels": [ch * mult for mult in vae.ch_mult],
+        "layers_per_block": len(vae.encoder.down[0].block),
         "act_fn": "silu",
-        "latent_channels": arguments["embed_dim"],
+        "latent_channels": vae.embed_dim,
         "norm_num_groups": 32,
         "sample_size": 256,
         "scaling_factor": 1.0,
@@ -536,18 +580,27 @@ def vae_from_diffusers_config(config: Mapping[str, Any]) -> AutoencoderKL:
     """An (untrained) ``AutoencoderKL`` with the architecture of a diffusers ``config.json``."""
     if config.get("act_fn", "silu") != "silu" or config.get("norm_num_groups", 32) != 32:
         raise ValueError("only act_fn='silu' and norm_num_groups=32 match repae's AutoencoderKL")
-    if not config.get("mid_block_add_attention", True) or not config.get("use_quant_conv", True) \
-            or not config.get("use_post_quant_conv", True):
-        raise ValueError("repae's AutoencoderKL always has a mid-block attention, quant_conv and post_quant_conv")
+    if (
+        not config.get("mid_block_add_attention", True)
+        or not config.get("use_quant_conv", True)
+        or not config.get("use_post_quant_conv", True)
+    ):
+        raise ValueError(
+            "repae's AutoencoderKL always has a mid-block attention, quant_conv and post_quant_conv"
+        )
     channels = list(config["block_out_channels"])
     ch = channels[0]
     if any(c % ch for c in channels):
         raise ValueError(f"block_out_channels {channels} are not multiples of the first")
     down = list(config["down_block_types"])
     attention = [level for level, kind in enumerate(down) if kind.startswith("Attn")]
-    up_attention = [len(down) - 1 - i for i, kind in enumerate(config["up_block_types"]) if kind.startswith("Attn")]
+    up_attention = [
+        len(down) - 1 - i for i, kind in enumerate(config["up_block_types"]) if kind.startswith("Attn")
+    ]
     if sorted(up_attention) != attention:
-        raise ValueError("encoder and decoder have attention at different levels; repae's AutoencoderKL cannot express that")
+        raise ValueError(
+            "encoder and decoder have attention at different levels; repae's AutoencoderKL cannot express that"
+        )
     resolution = 256
     return AutoencoderKL(
         embed_dim=config["latent_channels"],
@@ -589,7 +642,10 @@ def save_diffusers(
 
 
 def to_diffusers(
-    vae_weights_path: str | Path, output_dir: str | Path, vae: str, latents_stats_path: str | Path | None = None
+    vae_weights_path: str | Path,
+    output_dir: str | Path,
+    vae: str,
+    latents_stats_path: str | Path | None = None,
 ) -> Path:
     """Write a diffusers ``AutoencoderKL`` folder from a CompVis VAE file (``save_diffusers``).
 
@@ -621,7 +677,9 @@ def from_diffusers(diffusers_dir: str | Path, output_path: str | Path) -> tuple[
     folder = Path(diffusers_dir)
     for required in ("config.json", DIFFUSERS_WEIGHTS):
         if not (folder / required).is_file():
-            raise FileNotFoundError(f"{folder / required} not found: expected a diffusers AutoencoderKL folder")
+            raise FileNotFoundError(
+                f"{folder / required} not found: expected a diffusers AutoencoderKL folder"
+            )
     config = json.loads((folder / "config.json").read_text())
     with torch.device("meta"):
         model = vae_from_diffusers_config(config)
@@ -646,30 +704,51 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                      formatter_class=formatter)  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
 
-    extract = commands.add_parser("extract-vae", formatter_class=formatter,
-                                  help="VAE, latents-stats and discriminator files from a training checkpoint")
+    extract = commands.add_parser(
+        "extract-vae",
+        formatter_class=formatter,
+        help="VAE, latents-stats and discriminator files from a training checkpoint",
+    )
     extract.add_argument("checkpoint", help="repae .ckpt or official train_repae.py .pt")
     extract.add_argument("--name", required=True, help="file name stem NAME (official --vae-name)")
     extract.add_argument("--save-dir", default="exps", help="files go to SAVE_DIR/NAME/")
 
-    official = commands.add_parser("from-official", formatter_class=formatter,
-                                   help="official train_repae.py / train_ldm_only.py checkpoint -> repae .ckpt")
+    official = commands.add_parser(
+        "from-official",
+        formatter_class=formatter,
+        help="official train_repae.py / train_ldm_only.py checkpoint -> repae .ckpt",
+    )
     official.add_argument("checkpoint", help="official checkpoint, e.g. exps/NAME/checkpoints/0400000.pt")
     official.add_argument("output", help="repae Lightning checkpoint to write")
-    official.add_argument("--vae-weights", default=None, help="VAE file of a train_ldm_only.py run (its --vae-ckpt)")
-    official.add_argument("--fresh-optimizers", action="store_true", help="do not carry over the Adam moments")
+    official.add_argument(
+        "--vae-weights", default=None, help="VAE file of a train_ldm_only.py run (its --vae-ckpt)"
+    )
+    official.add_argument(
+        "--discriminator-weights",
+        default=None,
+        help="discriminator file for a train_repae.py checkpoint saved without one",
+    )
+    official.add_argument(
+        "--fresh-optimizers", action="store_true", help="do not carry over the Adam moments"
+    )
     official.add_argument("overrides", nargs="*", help="extra Hydra overrides of conf/train.yaml (key=value)")
 
-    export = commands.add_parser("to-diffusers", formatter_class=formatter,
-                                 help="CompVis VAE file -> diffusers AutoencoderKL folder")
+    export = commands.add_parser(
+        "to-diffusers", formatter_class=formatter, help="CompVis VAE file -> diffusers AutoencoderKL folder"
+    )
     export.add_argument("vae_weights", help="VAE state_dict file, e.g. pretrained/e2e-vavae/e2e-vavae.pt")
     export.add_argument("output_dir", help="diffusers model folder to write")
     export.add_argument("--vae", required=True, choices=sorted(VAE_CONFIGS), help="VAE architecture")
-    export.add_argument("--latents-stats", default=None, help="NAME-latents-stats.pt to store as latents_mean/std")
+    export.add_argument(
+        "--latents-stats", default=None, help="NAME-latents-stats.pt to store as latents_mean/std"
+    )
 
-    imported = commands.add_parser("from-diffusers", formatter_class=formatter,
-                                   help="diffusers AutoencoderKL folder -> CompVis VAE file")
-    imported.add_argument("diffusers_dir", help="folder with config.json and diffusion_pytorch_model.safetensors")
+    imported = commands.add_parser(
+        "from-diffusers", formatter_class=formatter, help="diffusers AutoencoderKL folder -> CompVis VAE file"
+    )
+    imported.add_argument(
+        "diffusers_dir", help="folder with config.json and diffusion_pytorch_model.safetensors"
+    )
     imported.add_argument("output", help="VAE state_dict file to write, e.g. pretrained/NAME/NAME.pt")
     return parser.parse_args(argv)
 
@@ -681,7 +760,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         for kind, path in extract_vae(args.checkpoint, args.name, args.save_dir).items():
             log.info("wrote %s: %s", kind, path)
     elif args.command == "from-official":
-        overrides = from_official(args.checkpoint, args.output, args.overrides, args.vae_weights, args.fresh_optimizers)
+        overrides = from_official(
+            args.checkpoint,
+            args.output,
+            args.overrides,
+            args.vae_weights,
+            args.discriminator_weights,
+            args.fresh_optimizers,
+        )
         log.info("wrote %s; continue training with:\n  python -m repae.train %s", args.output,
                  " ".join(shlex.quote(o) for o in [*overrides, f"ckpt_path={args.output}"]))  # fmt: skip
     elif args.command == "to-diffusers":

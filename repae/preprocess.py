@@ -173,11 +173,15 @@ def preprocess(
     pending = [(parts, k, indices) for k, indices in enumerate(shards) if not shard_file(parts, k).is_file()]
     done = num_files - sum(len(indices) for _, _, indices in pending)
     if done:
-        log.info("Resuming: %d of %d shards already encoded in %s", len(shards) - len(pending), len(shards), parts)
+        log.info(
+            "Resuming: %d of %d shards already encoded in %s", len(shards) - len(pending), len(shards), parts
+        )
     with tqdm(total=num_files, initial=done, unit="img", desc="preprocess", disable=not progress) as bar:
         if num_workers > 0 and len(pending) > 1:
             context = multiprocessing.get_context()
-            with context.Pool(min(num_workers, len(pending)), initializer=_set_folder, initargs=(folder,)) as pool:
+            with context.Pool(
+                min(num_workers, len(pending)), initializer=_set_folder, initargs=(folder,)
+            ) as pool:
                 for count in pool.imap_unordered(_write_shard_task, pending):
                     bar.update(count)
         else:
@@ -200,7 +204,9 @@ def preprocess(
     (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=1))
     if not keep_work_dir:
         shutil.rmtree(parts)
-    log.info("Wrote %d images to %s; skipped %d unreadable files", num_written, out_dir / "images.h5", len(skipped))
+    log.info(
+        "Wrote %d images to %s; skipped %d unreadable files", num_written, out_dir / "images.h5", len(skipped)
+    )
     for entry in skipped:
         log.warning("skipped %s: %s", entry["file"], entry["error"])
     return report

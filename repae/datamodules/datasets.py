@@ -34,7 +34,14 @@ from repae.datamodules.transforms import center_crop_arr
 
 # Errors PIL / h5py / numpy raise on truncated or garbage content, and PIL's refusal to decode
 # images beyond its pixel limit (a decompression-bomb guard).
-_DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, KeyError, Image.DecompressionBombError)
+_DECODE_ERRORS = (
+    OSError,
+    UnidentifiedImageError,
+    ValueError,
+    SyntaxError,
+    KeyError,
+    Image.DecompressionBombError,
+)
 
 
 class CorruptSampleError(RuntimeError):
