@@ -197,3 +197,18 @@ def test_sdpa_attention_equals_explicit_softmax_attention():
 def test_wrong_latent_size_is_a_clear_error():
     with pytest.raises(ValueError, match="spatial size 8x8"):
         tiny_sit()(torch.randn(1, 4, 16, 16), torch.tensor([0]), [torch.randn(1, 16, 16)])
+
+
+def test_global_batchnorm_matches_torch_batchnorm_on_one_process():
+    from repae.modules.sit import GlobalBatchNorm2d
+
+    ours = GlobalBatchNorm2d(4, eps=1e-4, momentum=0.1, affine=False)
+    reference = torch.nn.BatchNorm2d(4, eps=1e-4, momentum=0.1, affine=False)
+    x = torch.randn(6, 4, 5, 5) * 3 + 2
+    for _ in range(3):
+        torch.testing.assert_close(ours(x), reference(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.running_mean, reference.running_mean)
+    torch.testing.assert_close(ours.running_var, reference.running_var)
+    assert ours.num_batches_tracked == reference.num_batches_tracked == 3
+    ours.eval(), reference.eval()
+    torch.testing.assert_close(ours(x), reference(x))

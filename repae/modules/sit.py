@@ -201,6 +201,35 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """Affine-free BatchNorm whose training statistics cover the global batch of all processes.
+
+    SyncBatchNorm semantics (the official code converts the SiT's BN to it) on any backend,
+    gloo/CPU included, and with the same arithmetic on one process as on many, so a run's result
+    does not depend on how its batch is split. In REPA-E no gradient flows through the batch
+    statistics (the SiT pass sees detached latents, the alignment pass runs BN in eval mode), so
+    the statistics are reduced without autograd. Same buffers and state-dict keys as BatchNorm2d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        channels = x.shape[1]
+        with torch.no_grad():
+            flat = x.detach().float().transpose(0, 1).reshape(channels, -1)
+            stats = torch.cat([flat.sum(dim=1), flat.square().sum(dim=1), flat.new_tensor([flat.shape[1]])])
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(stats)
+            count = stats[-1]
+            mean = stats[:channels] / count
+            var = (stats[channels:-1] / count - mean.square()).clamp_min(0)
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * count / (count - 1), self.momentum)
+            self.num_batches_tracked += 1
+        shape = (1, channels, 1, 1)
+        return ((x.float() - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)).to(x.dtype)
+
+
 def build_projector(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential:
     """REPA projector: token-wise 3-layer MLP [N,T,D] -> [N,T,z_dim]."""
     return nn.Sequential(
@@ -273,7 +302,7 @@ class SiT(nn.Module):
         self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, z_dim) for z_dim in z_dims)
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         # affine=False on purpose: a learned affine could shrink the latents and game the diffusion loss.
-        self.bn = nn.BatchNorm2d(in_channels, eps=1e-4, momentum=bn_momentum, affine=False, track_running_stats=True)
+        self.bn = GlobalBatchNorm2d(in_channels, eps=1e-4, momentum=bn_momentum, affine=False, track_running_stats=True)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:

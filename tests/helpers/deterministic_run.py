@@ -1,0 +1,52 @@
+"""Train the tiny demo config with all randomness made a function of the sample, then save every
+rank's final weights: `python tests/helpers/deterministic_run.py RUN_DIR [overrides...]`.
+
+With t, noise and the VAE's posterior sample derived from each sample's own latents, a run's
+result depends only on its global batches, not on how they are split over processes, so a DDP
+run can be compared with a single-process run. Lightning's DDP launcher re-runs this script in
+every rank.
+"""
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from omegaconf import open_dict
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from conftest import compose_config  # noqa: E402
+
+from repae.modules.sit import SiT  # noqa: E402
+from repae.modules.vae import DiagonalGaussianDistribution  # noqa: E402
+from repae.train import train  # noqa: E402
+
+original_forward = SiT.forward
+
+
+def per_sample_forward(self, x, y, zs=None, align_only=False, time_input=None, noises=None):
+    if time_input is None:
+        time_input = (x.detach().flatten(1).sum(1).abs() * 7.31 % 1).view(-1, 1, 1, 1)
+        noises = torch.sin(x.detach() * 13.7 + 1.0)
+    return original_forward(self, x, y, zs, align_only=align_only, time_input=time_input, noises=noises)
+
+
+class SaveWeightsPerRank(pl.Callback):
+    def __init__(self, directory: str):
+        self.directory = Path(directory)
+
+    def on_train_end(self, trainer, pl_module):
+        state = {key: value.detach().cpu().clone() for key, value in pl_module.state_dict().items()}
+        torch.save(state, self.directory / f"weights_rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    SiT.forward = per_sample_forward
+    DiagonalGaussianDistribution.sample = lambda self, generator=None: self.mean
+    run_dir = Path(sys.argv[1])
+    cfg = compose_config(run_dir, *sys.argv[2:])
+    with open_dict(cfg):
+        cfg.callbacks.save_weights = {"_target_": "helpers.deterministic_run.SaveWeightsPerRank",
+                                      "directory": str(run_dir)}
+    train(cfg)
