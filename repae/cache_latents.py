@@ -199,7 +199,7 @@ def _check_manifest(work_dir: Path, manifest: dict[str, Any]) -> None:
     os.replace(partial, path)
 
 
-def build_vae(cfg: DictConfig) -> AutoencoderKL:
+def load_vae(cfg: DictConfig) -> AutoencoderKL:
     """The configured VAE with the weights of ``cfg.vae_weights_path`` (strict)."""
     if not cfg.vae_weights_path:
         raise ValueError(
@@ -246,7 +246,7 @@ def cache_latents(cfg: DictConfig) -> None:
         return
     if len(done):
         log.info("Resuming: %d of %d images already encoded in %s", len(done), len(dataset), work_dir)
-    model = LatentEncoder(build_vae(cfg))
+    model = LatentEncoder(load_vae(cfg))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[writer], logger=False)
     loader = DataLoader(
         IndexedImages(dataset, pending),
