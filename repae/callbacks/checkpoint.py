@@ -36,10 +36,13 @@ class StepCheckpoint(ModelCheckpoint):
         final_step = pl_module.step >= pl_module.max_train_steps
         if (pl_module.step % self.every_n_steps and not final_step) or self._should_skip_saving_checkpoint(trainer):
             return
+        self.save(trainer)
+
+    def save(self, trainer: pl.Trainer) -> None:
+        """Write the step checkpoint and ``last.ckpt`` now (call at a step boundary)."""
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        """Nothing: every checkpoint is written at a step boundary, with the epoch still open."""
