@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
 import logging
 import zipfile
 
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from repae.datamodules.datasets import CorruptSampleError
 from repae.module import to_plain
+from repae.sweep import FINAL_METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, Path(cfg.paths.output_dir) / "config.yaml", resolve=True)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    return {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
+    if trainer.is_global_zero:
+        (Path(cfg.paths.output_dir) / FINAL_METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    return metrics
 
 
 def input_error(error: BaseException) -> BaseException | None:
@@ -85,9 +90,9 @@ def input_error(error: BaseException) -> BaseException | None:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> dict[str, float]:
     try:
-        train(cfg)
+        return train(cfg)
     except Exception as error:
         cause = input_error(error)
         if cause is None:

@@ -1,0 +1,43 @@
+"""A local multirun puts each sweep point in its own deterministic directory and writes a summary."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import TINY_OVERRIDES
+
+
+def tiny_experiment(config_dir: Path, root_dir: Path) -> None:
+    """An experiment file holding the tiny settings, so the command line holds just the sweep,
+    as a user's would (the sweep directories are named by the command-line overrides)."""
+    settings = [o for o in TINY_OVERRIDES if not o.startswith("experiment=")]
+    settings += ["callbacks.fid=null", "callbacks.image_grid=null", "model.max_train_steps=2", f"paths.root_dir={root_dir}"]
+    body = OmegaConf.to_yaml(OmegaConf.from_dotlist([o for o in settings if not o.startswith("logger")]))
+    (config_dir / "experiment").mkdir(parents=True)
+    (config_dir / "experiment" / "tiny_demo.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - demo\n  - _self_\nrun_name: demo\n" + body
+    )
+
+
+@pytest.mark.slow
+def test_multirun_gives_one_directory_per_value_and_a_summary_table(tmp_path):
+    tiny_experiment(tmp_path / "conf", tmp_path)
+    command = [sys.executable, "-m", "repae.train", "-m", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+               "experiment=tiny_demo", "model.proj_coeff=0.25,1.0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = tmp_path / "logs" / "train" / "demo-multirun"
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["model.proj_coeff=0.25", "model.proj_coeff=1.0"]
+    for point in ("model.proj_coeff=0.25", "model.proj_coeff=1.0"):
+        assert (sweep_dir / point / "checkpoints" / "last.ckpt").is_file()
+    with open(sweep_dir / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["run"] for row in rows] == ["model.proj_coeff=0.25", "model.proj_coeff=1.0"]
+    assert all(float(row["sit_loss"]) > 0 for row in rows)
+    assert "sweep summary" in result.stdout
