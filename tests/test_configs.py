@@ -1,0 +1,62 @@
+"""Every experiment composes, and its configured objects are buildable by Hydra."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+
+from conftest import CONF_DIR
+
+EXPERIMENTS = ["repae_sdvae", "repae_invae", "repae_vavae", "ldm_only_e2e_vavae", "demo"]
+
+
+def compose_train(*overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_with_official_defaults(experiment):
+    cfg = compose_train(f"experiment={experiment}")
+    assert cfg.run_name == experiment
+    assert cfg.model.optimizer.learning_rate == pytest.approx(1e-4 if experiment != "demo" else 3e-4)
+    if experiment.startswith("repae"):
+        assert (cfg.model.proj_coeff, cfg.model.vae_align_proj_coeff) == (0.5, 1.5)
+        assert cfg.model.loss.discriminator_weight == 0.1 and cfg.model.loss.kl_weight == 1e-6
+        assert cfg.data.batch_size == 256 and cfg.model.max_train_steps == 400_000
+    if experiment == "ldm_only_e2e_vavae":
+        assert cfg.model.mode == "ldm_only" and cfg.model.loss is None
+        assert cfg.model.sit.name == "SiT-XL/1" and cfg.model.max_train_steps == 4_000_000
+
+
+def test_sit_geometry_follows_the_vae():
+    for experiment, (name, size, channels) in {"repae_sdvae": ("SiT-XL/2", 32, 4),
+                                               "repae_invae": ("SiT-XL/1", 16, 32)}.items():
+        sit = compose_train(f"experiment={experiment}").model.sit
+        assert (sit.name, sit.input_size, sit.in_channels) == (name, size, channels)
+
+
+def test_slurm_trainer_takes_ranks_from_slurm_without_lightning_requeue():
+    cfg = compose_train("experiment=repae_sdvae", "trainer=slurm")
+    environment = instantiate(cfg.trainer.plugins[0])
+    assert type(environment).__name__ == "SLURMEnvironment" and environment.auto_requeue is False
+    assert cfg.trainer.strategy.find_unused_parameters is True
+
+
+def submitit_launcher_installed() -> bool:
+    try:
+        return importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not submitit_launcher_installed(),
+                    reason="hydra-submitit-launcher (the `slurm` extra) is not installed")
+def test_slurm_launcher_config_composes():
+    cfg = compose_train("experiment=repae_sdvae", "trainer=slurm", "hydra/launcher=slurm")
+    assert cfg.hydra.launcher.tasks_per_node == 8 and cfg.hydra.launcher.max_num_timeout == 20
