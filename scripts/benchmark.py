@@ -27,6 +27,7 @@ import lightning.pytorch as pl
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import DictConfig
 from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -124,8 +125,10 @@ def main() -> None:
                            model.num_classes)
     datamodule = ImageDataModule(dataset, batch_size=args.batch_size * args.devices, num_workers=args.num_workers)
     timer = StepTimer(count_flops=args.devices == 1)
+    strategy = cfg.trainer.get("strategy", "auto")
     trainer = pl.Trainer(
-        accelerator="gpu", devices=args.devices, precision=cfg.trainer.precision, strategy=cfg.trainer.get("strategy", "auto"),
+        accelerator="gpu", devices=args.devices, precision=cfg.trainer.precision,
+        strategy=instantiate(strategy) if isinstance(strategy, DictConfig) else strategy,
         max_epochs=-1, max_steps=-1, use_distributed_sampler=False, benchmark=True, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
     )

@@ -23,7 +23,8 @@ COMMON = [*OPTIMIZER, "model.max_train_steps=2", "model.sit.class_dropout_prob=0
 
 
 def run(run_dir: Path, *overrides: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    paths = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
     result = subprocess.run([sys.executable, str(HELPER), str(run_dir), *COMMON, *overrides],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -33,6 +34,22 @@ def run(run_dir: Path, *overrides: str) -> None:
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
     run(tmp_path / "single", "data.batch_size=4")
     run(tmp_path / "ddp", "data.batch_size=4", "trainer=ddp_cpu")
+    assert_same_training(tmp_path)
+
+
+GPU = ["trainer.accelerator=gpu", "trainer.precision=32-true", "trainer.benchmark=false"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_nccl_gpus_match_one_gpu_with_the_same_global_batch(tmp_path):
+    run(tmp_path / "single", "data.batch_size=4", *GPU, "trainer.devices=1")
+    run(tmp_path / "ddp", "data.batch_size=4", "trainer=ddp", *GPU, "trainer.devices=2")
+    assert_same_training(tmp_path)
+
+
+def assert_same_training(tmp_path: Path) -> None:
+    """Every parameter, EMA tensor and BN buffer is identical on both ranks and equal to the
+    single-process run's."""
     single = torch.load(tmp_path / "single" / "weights_rank0.pt")
     rank0 = torch.load(tmp_path / "ddp" / "weights_rank0.pt")
     rank1 = torch.load(tmp_path / "ddp" / "weights_rank1.pt")
