@@ -245,8 +245,20 @@ class REPAE(pl.LightningModule):
         with torch.no_grad():
             return [encoder(images, grid_size=self.token_grid) for encoder in self.encoders]
 
+    def check_batch(self, images: torch.Tensor) -> None:
+        """Images must decode to the SiT's latent grid: size = latent size x VAE downsampling."""
+        factor = self.vae.downsample_factor
+        size = self.sit.input_size * factor
+        if tuple(images.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"the data gives {tuple(images.shape[-2:])} images, but model.sit.input_size="
+                f"{self.sit.input_size} with a {factor}x downsampling VAE needs {size}x{size}: the image size "
+                f"must be a multiple of {factor} and equal input_size * {factor}"
+            )
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch["image"], batch["label"]
+        self.check_batch(images)
         zs = self.encode_features(images)
         grad_norms: dict[str, torch.Tensor] = {}
         backward = partial(self._backward, grad_norms=grad_norms)

@@ -15,6 +15,7 @@ import zipfile
 
 import hydra
 import lightning.pytorch as pl
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -64,6 +65,7 @@ def check_readable_checkpoint(path: Path) -> None:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit one run; returns the final logged metrics (used by multirun summaries)."""
     pl.seed_everything(cfg.seed, workers=True)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.allow_tf32)
     datamodule = instantiate(cfg.data)
     model = instantiate(to_plain(cfg.model), _recursive_=False)
     ckpt_path = resume_checkpoint(cfg)

@@ -119,6 +119,7 @@ def main() -> None:
         torch.save({"latents_scale": torch.ones(1, channels, 1, 1), "latents_bias": torch.zeros(1, channels, 1, 1)}, stats)
         cfg.model.latents_stats_path = str(stats)
     torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.allow_tf32)
     model = instantiate(to_plain(cfg.model), _recursive_=False)
     model.load_pretrained()
     dataset = RandomImages(args.batch_size * args.devices * (args.warmup + args.steps), args.resolution,

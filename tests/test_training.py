@@ -185,3 +185,10 @@ def _inputs(model):
     batch = a_batch()
     model.train()
     return batch["image"], batch["label"], model.encode_features(batch["image"])
+
+
+def test_image_size_that_does_not_fit_the_vae_and_sit_is_a_clear_error(tiny_config):
+    model = build(tiny_config())
+    with pytest.raises(ValueError, match=r"needs 32x32.*multiple of 4"):
+        model.check_batch(torch.zeros(2, 3, 30, 30, dtype=torch.uint8))
+    model.check_batch(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
