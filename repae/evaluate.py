@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,8 +51,9 @@ INCEPTION_METRICS = ("fid", "sfid", "inception_score", "precision_recall")
 FEATURE_EXTRACTORS = ("inception", "effnet")
 INCEPTION_WEIGHTS_CONFIG_KEY = "inception_weights_path"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+POOL_FEATURES = 2048
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]
-SPATIAL_SIZE = 17  # mixed_6 works on a 17x17 grid of the 299x299 input
+SPATIAL_FEATURES = 17 * 17 * SPATIAL_CHANNELS  # mixed_6 works on a 17x17 grid of the 299x299 input
 
 
 # --- image sources ------------------------------------------------------------------------------
@@ -99,7 +100,9 @@ class ImageFolder(Dataset):
     """The images of a folder (not recursive), sorted by file name, as uint8 [H, W, 3] RGB arrays."""
 
     def __init__(self, root: str):
-        self.files = sorted(entry.path for entry in os.scandir(root) if entry.name.lower().endswith(IMAGE_EXTENSIONS))
+        self.files = sorted(
+            entry.path for entry in os.scandir(root) if entry.name.lower().endswith(IMAGE_EXTENSIONS)
+        )
         if not self.files:
             raise ValueError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {root!r}")
 
@@ -117,18 +120,25 @@ def _stack_same_size(images: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(images).permute(0, 3, 1, 2)
 
 
+def npz_images_shape(path: str) -> tuple[int, ...]:
+    """The shape [N, H, W, 3] of ``arr_0`` in an ADM-style ``.npz``, read from its header only."""
+    archive, array_file, shape = _open_images_npz(path)
+    array_file.close()
+    archive.close()
+    return shape
+
+
 def image_batches(path: str, batch_size: int, num_workers: int = 0) -> tuple[int, Iterator[torch.Tensor]]:
     """``(number of images, batches uint8 [B, 3, H, W])`` of an ADM ``.npz`` (``arr_0``) or an image folder."""
     if os.path.isdir(path):
         dataset = ImageFolder(path)
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_stack_same_size)
+        loader = DataLoader(
+            dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_stack_same_size
+        )
         return len(dataset), iter(loader)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No image folder or .npz at {path!r}")
-    archive, array_file, shape = _open_images_npz(path)
-    array_file.close()
-    archive.close()
-    return shape[0], iterate_npz_images(path, batch_size)
+    return npz_images_shape(path)[0], iterate_npz_images(path, batch_size)
 
 
 # --- Inception features -------------------------------------------------------------------------
@@ -168,16 +178,15 @@ class InceptionMetricFeatures(nn.Module):
         return {"pool": pool, "logits": logits, "spatial": spatial}
 
 
-@dataclass
 class InceptionFeatureSet:
-    """Pool and spatial statistics of an image set, plus the raw features the other metrics need."""
+    """Pool and spatial statistics of an image set (float64 sums on ``device``), plus the raw features
+    that the other metrics need: pool features [N, 2048] and logits [N, 1008], on the CPU."""
 
-    pool_statistics: FeatureStatistics = field(default_factory=lambda: FeatureStatistics(2048))
-    spatial_statistics: FeatureStatistics = field(
-        default_factory=lambda: FeatureStatistics(SPATIAL_SIZE * SPATIAL_SIZE * SPATIAL_CHANNELS)
-    )
-    pool: list[torch.Tensor] = field(default_factory=list)
-    logits: list[torch.Tensor] = field(default_factory=list)
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.pool_statistics = FeatureStatistics(POOL_FEATURES, device=device)
+        self.spatial_statistics = FeatureStatistics(SPATIAL_FEATURES, device=device)
+        self.pool: list[torch.Tensor] = []
+        self.logits: list[torch.Tensor] = []
 
 
 @torch.no_grad()
@@ -188,12 +197,12 @@ def inception_features(
     keep_pool: bool = False,
     keep_logits: bool = False,
 ) -> InceptionFeatureSet:
-    """Run ``extractor`` over uint8 batches; keeps pool features [N, 2048] and/or logits [N, 1008] on the CPU."""
-    features = InceptionFeatureSet()
+    """Run ``extractor`` over uint8 batches [B, 3, H, W]; ``keep_*`` also keeps those raw features."""
+    features = InceptionFeatureSet(device)
     for images in batches:
         out = extractor(images.to(device))
-        features.pool_statistics.update(out["pool"].cpu())
-        features.spatial_statistics.update(out["spatial"].cpu())
+        features.pool_statistics.update(out["pool"])
+        features.spatial_statistics.update(out["spatial"])
         if keep_pool:
             features.pool.append(out["pool"].cpu())
         if keep_logits:
@@ -226,7 +235,7 @@ def precision_recall(
 
 
 # --- reference files ----------------------------------------------------------------------------
-def _statistics(data, mu_key: str, sigma_key: str, dimension: int, path: str, what: str):
+def _statistics(data: Mapping, mu_key: str, sigma_key: str, dimension: int, path: str, what: str):
     """``(mu, sigma)`` from the npz if present, checked against the extractor's feature dimension."""
     if mu_key not in data or sigma_key not in data:
         return None
@@ -241,14 +250,20 @@ def _statistics(data, mu_key: str, sigma_key: str, dimension: int, path: str, wh
 
 def _reference_contents(path: str) -> dict:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Reference file not found: {path!r}. Set `reference_path` to an ADM-style .npz.")
+        raise FileNotFoundError(
+            f"Reference file not found: {path!r}. Set `reference_path` to an ADM-style .npz."
+        )
     with np.load(path) as data:
-        return {key: data[key] for key in data.files if key != "arr_0"} | {"has_images": "arr_0" in data.files}
+        return {key: data[key] for key in data.files if key != "arr_0"} | {
+            "has_images": "arr_0" in data.files
+        }
 
 
 # --- metric sets ----------------------------------------------------------------------------------
 @dataclass
 class Evaluation:
+    """Computed metrics, the reasons for those that could not be, and the samples' statistics."""
+
     metrics: dict[str, float] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
     num_samples: int = 0
@@ -271,11 +286,12 @@ def inception_metrics(
     if unknown:
         raise ValueError(f"Unknown metrics {sorted(unknown)}; choose from {INCEPTION_METRICS}")
     reference = _reference_contents(reference_path)
+    reference_fid = _statistics(reference, "mu", "sigma", POOL_FEATURES, reference_path, "Inception pool")
+    reference_sfid = _statistics(
+        reference, "mu_s", "sigma_s", SPATIAL_FEATURES, reference_path, "Inception spatial"
+    )
     extractor = InceptionMetricFeatures(weights_path).to(device)
     result = Evaluation()
-
-    reference_fid = _statistics(reference, "mu", "sigma", 2048, reference_path, "Inception pool")
-    reference_sfid = _statistics(reference, "mu_s", "sigma_s", 2023, reference_path, "Inception spatial")
     needs_reference_images = (
         "precision_recall" in metrics
         or ("fid" in metrics and reference_fid is None)
@@ -284,19 +300,30 @@ def inception_metrics(
     reference_features = None
     if needs_reference_images and reference["has_images"]:
         _, batches = image_batches(reference_path, batch_size)
-        reference_features = inception_features(batches, extractor, device, keep_pool="precision_recall" in metrics)
+        reference_features = inception_features(
+            batches, extractor, device, keep_pool="precision_recall" in metrics
+        )
         if reference_fid is None:
             reference_fid = reference_features.pool_statistics.compute()
         if reference_sfid is None:
             reference_sfid = reference_features.spatial_statistics.compute()
 
     result.num_samples, batches = image_batches(samples_path, batch_size, num_workers)
-    samples = inception_features(batches, extractor, device, keep_pool="precision_recall" in metrics,
-                                 keep_logits="inception_score" in metrics)
+    samples = inception_features(
+        batches,
+        extractor,
+        device,
+        keep_pool="precision_recall" in metrics,
+        keep_logits="inception_score" in metrics,
+    )
     sample_fid, sample_sfid = samples.pool_statistics.compute(), samples.spatial_statistics.compute()
-    result.statistics = {"mu": sample_fid[0], "sigma": sample_fid[1], "mu_s": sample_sfid[0], "sigma_s": sample_sfid[1]}
+    result.statistics = {
+        "mu": sample_fid[0],
+        "sigma": sample_fid[1],
+        "mu_s": sample_sfid[0],
+        "sigma_s": sample_sfid[1],
+    }
 
-    no_images = "the reference has no images (arr_0)"
     if "fid" in metrics:
         if reference_fid is None:
             result.unavailable["fid"] = "the reference has neither mu/sigma nor images (arr_0)"
@@ -312,11 +339,13 @@ def inception_metrics(
         result.metrics["inception_score"], result.metrics["inception_score_std"] = mean, std
     if "precision_recall" in metrics:
         if reference_features is None:
-            result.unavailable["precision"] = result.unavailable["recall"] = no_images
+            reason = "the reference has no images (arr_0)"
+            result.unavailable["precision"] = result.unavailable["recall"] = reason
         else:
             # The pairwise distances are the costly part (50K x 50K for the sample radii): on the device.
             precision, recall = precision_recall(
-                torch.cat(samples.pool).to(device), torch.cat(reference_features.pool).to(device),
+                torch.cat(samples.pool).to(device),
+                torch.cat(reference_features.pool).to(device),
                 precision_recall_neighborhood,
             )
             result.metrics["precision"], result.metrics["recall"] = precision, recall
@@ -336,16 +365,18 @@ def effnet_metrics(
     extractor = EfficientNetFeatures(resolution).to(device)
 
     def statistics_of(batches) -> tuple[np.ndarray, np.ndarray]:
-        statistics = FeatureStatistics(extractor.num_features)
+        statistics = FeatureStatistics(extractor.num_features, device=device)
         with torch.no_grad():
             for images in batches:
-                statistics.update(extractor(images.to(device)).cpu())
+                statistics.update(extractor(images.to(device)))
         return statistics.compute()
 
     # Reference statistics count only if they are EfficientNet ones (ADM files hold Inception ones).
     reference_statistics = None
     if "mu" in reference and reference["mu"].shape == (extractor.num_features,):
-        reference_statistics = _statistics(reference, "mu", "sigma", extractor.num_features, reference_path, "EfficientNet")
+        reference_statistics = _statistics(
+            reference, "mu", "sigma", extractor.num_features, reference_path, "EfficientNet"
+        )
     elif reference["has_images"]:
         reference_statistics = statistics_of(image_batches(reference_path, batch_size)[1])
     else:
@@ -363,36 +394,57 @@ def effnet_metrics(
 
 # --- entry point ----------------------------------------------------------------------------------
 def resolve_device(device: str) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+    return (
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "auto"
+        else torch.device(device)
+    )
 
 
 def print_table(cfg: DictConfig, evaluation: Evaluation) -> None:
-    table = Table(title=f"{cfg.samples_path} ({evaluation.num_samples} images) vs {cfg.reference_path}")
+    console = Console()
+    console.print(f"samples:   {cfg.samples_path} ({evaluation.num_samples} images)")
+    console.print(f"reference: {cfg.reference_path}")
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in evaluation.metrics.items():
         table.add_row(name, f"{value:.4f}")
     for name, reason in evaluation.unavailable.items():
         table.add_row(name, f"n/a: {reason}")
-    Console().print(table)
+    console.print(table)
 
 
 def evaluate(cfg: DictConfig) -> dict:
     """Compute the metrics of ``cfg``, print them as a table and write ``cfg.metrics_path`` (JSON)."""
     if cfg.feature_extractor not in FEATURE_EXTRACTORS:
-        raise ValueError(f"feature_extractor must be one of {FEATURE_EXTRACTORS}, got {cfg.feature_extractor!r}")
+        raise ValueError(
+            f"feature_extractor must be one of {FEATURE_EXTRACTORS}, got {cfg.feature_extractor!r}"
+        )
     # Full float32 matmuls and convolutions: TF32 (PyTorch's default for cuDNN) shifts the features.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     device = resolve_device(cfg.device)
     if cfg.feature_extractor == "inception":
         evaluation = inception_metrics(
-            cfg.samples_path, cfg.reference_path, cfg.inception_weights_path, list(cfg.metrics), cfg.batch_size,
-            cfg.num_workers, device, cfg.inception_score_splits, cfg.precision_recall_neighborhood,
+            cfg.samples_path,
+            cfg.reference_path,
+            cfg.inception_weights_path,
+            list(cfg.metrics),
+            cfg.batch_size,
+            cfg.num_workers,
+            device,
+            cfg.inception_score_splits,
+            cfg.precision_recall_neighborhood,
         )
     else:
         evaluation = effnet_metrics(
-            cfg.samples_path, cfg.reference_path, cfg.effnet_resolution, cfg.batch_size, cfg.num_workers, device
+            cfg.samples_path,
+            cfg.reference_path,
+            cfg.effnet_resolution,
+            cfg.batch_size,
+            cfg.num_workers,
+            device,
         )
     print_table(cfg, evaluation)
     report = {

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import time
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +53,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from repae.evaluate import npz_images_shape
 from repae.modules.samplers import generate_images
 from repae.modules.sit import build_sit
 from repae.modules.vae import build_vae, load_checked_state_dict
@@ -132,14 +134,16 @@ def projector_dims(sit_state_dict: Mapping[str, torch.Tensor]) -> list[int]:
 
 
 def _sub_state_dict(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
 
 
 def _load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, path: str) -> None:
     try:
         module.load_state_dict(state_dict, strict=True)
     except RuntimeError as error:
-        raise ValueError(f"The {what} weights in {path!r} do not fit the model built from its config: {error}") from None
+        raise ValueError(
+            f"The {what} weights in {path!r} do not fit the model built from its config: {error}"
+        ) from None
 
 
 def _from_lightning_checkpoint(checkpoint: Mapping, path: str, use_ema: bool) -> SamplingModel:
@@ -191,7 +195,9 @@ def _from_official_checkpoint(
     if "vae" in checkpoint:
         _load_strict(vae, checkpoint["vae"], "VAE", path)
     elif vae_weights_path:
-        load_checked_state_dict(vae, vae_weights_path, config_key=VAE_WEIGHTS_CONFIG_KEY, wrapper_keys=("vae", "state_dict"))
+        load_checked_state_dict(
+            vae, vae_weights_path, config_key=VAE_WEIGHTS_CONFIG_KEY, wrapper_keys=("vae", "state_dict")
+        )
     else:
         raise FileNotFoundError(
             f"{path!r} holds no VAE (an LDM-only checkpoint). Set `{VAE_WEIGHTS_CONFIG_KEY}` to the frozen VAE it "
@@ -200,14 +206,18 @@ def _from_official_checkpoint(
     return SamplingModel(sit, vae)
 
 
-def load_sampling_model(ckpt_path: str, use_ema: bool = True, vae_weights_path: str | None = None) -> SamplingModel:
+def load_sampling_model(
+    ckpt_path: str, use_ema: bool = True, vae_weights_path: str | None = None
+) -> SamplingModel:
     """Build the SiT (EMA weights by default) and the VAE of a repae or official REPA-E checkpoint.
 
     Both load with ``weights_only=True``; the official checkpoints pickle an ``argparse.Namespace``,
     which is allowed explicitly. Memory-mapped, so optimizer states are never read into memory.
     """
     if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"Checkpoint not found: {ckpt_path!r}. Set `ckpt_path` to a repae .ckpt or an official .pt file.")
+        raise FileNotFoundError(
+            f"Checkpoint not found: {ckpt_path!r}. Set `ckpt_path` to a repae .ckpt or an official .pt file."
+        )
     with torch.serialization.safe_globals([argparse.Namespace]):
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     if "state_dict" in checkpoint and "hyper_parameters" in checkpoint:
@@ -245,7 +255,9 @@ class GenerationModule(pl.LightningModule):
     generator on the sampling device, seeded with ``index_seed(global_seed, index, "noise")``.
     """
 
-    def __init__(self, model: SamplingModel, labels: torch.Tensor, global_seed: int, sampler: Mapping[str, Any]):
+    def __init__(
+        self, model: SamplingModel, labels: torch.Tensor, global_seed: int, sampler: Mapping[str, Any]
+    ):
         super().__init__()
         self.model = model
         self.register_buffer("labels", labels, persistent=False)
@@ -257,7 +269,9 @@ class GenerationModule(pl.LightningModule):
             torch.Generator(device=self.device).manual_seed(index_seed(self.global_seed, index, "noise"))
             for index in indices.tolist()
         ]
-        noise = torch.stack([torch.randn(self.model.latent_shape, generator=g, device=self.device) for g in generators])
+        noise = torch.stack(
+            [torch.randn(self.model.latent_shape, generator=g, device=self.device) for g in generators]
+        )
         kwargs = dict(self.sampler)
         if kwargs.get("mode") == "sde":
             kwargs["generator"] = generators
@@ -308,11 +322,15 @@ class PNGWriter(BasePredictionWriter):
             total = len(trainer.datamodule.all_missing)
             self.progress = tqdm(total=total, unit="img", desc="sampling", dynamic_ncols=True)
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ) -> None:
         for index, image in zip(prediction["indices"].tolist(), prediction["images"], strict=True):
             save_png(image.permute(1, 2, 0).numpy(), png_path(self.sample_dir, index))
         if self.progress is not None:
-            self.progress.update(min(len(prediction["indices"]) * trainer.world_size, self.progress.total - self.progress.n))
+            self.progress.update(
+                min(len(prediction["indices"]) * trainer.world_size, self.progress.total - self.progress.n)
+            )
 
     def on_predict_end(self, trainer, pl_module) -> None:
         if self.progress is not None:
@@ -328,8 +346,11 @@ def write_npz(sample_dir: str | Path, num_samples: int, npz_path: str | Path) ->
     ``arr_0.npy``), then renames the finished file into place.
     """
     first = np.asarray(Image.open(png_path(sample_dir, 0)).convert("RGB"))
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-              "shape": (num_samples, *first.shape)}
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+        "fortran_order": False,
+        "shape": (num_samples, *first.shape),
+    }
     temporary = Path(f"{npz_path}.tmp")
     with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
         with archive.open("arr_0.npy", "w", force_zip64=True) as array_file:
@@ -337,7 +358,9 @@ def write_npz(sample_dir: str | Path, num_samples: int, npz_path: str | Path) ->
             for index in range(num_samples):
                 image = np.asarray(Image.open(png_path(sample_dir, index)).convert("RGB"))
                 if image.shape != first.shape:
-                    raise ValueError(f"{png_path(sample_dir, index)} is {image.shape}, the first image {first.shape}")
+                    raise ValueError(
+                        f"{png_path(sample_dir, index)} is {image.shape}, the first image {first.shape}"
+                    )
                 array_file.write(image.tobytes())
     os.replace(temporary, npz_path)
 
@@ -365,7 +388,8 @@ def generate(cfg: DictConfig, model: SamplingModel | None = None) -> Path:
 
     # Every rank lists the missing PNGs before any rank can write one (ranks only write after they
     # have all joined inside `predict`), so all of them agree on whether there is work left.
-    if missing_indices(sample_dir, cfg.num_samples):
+    sampled = bool(missing_indices(sample_dir, cfg.num_samples))
+    if sampled:
         trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[PNGWriter(sample_dir, cfg.progress_bar)])
         start = time.perf_counter()
         datamodule = SampleIndices(sample_dir, cfg.num_samples, cfg.batch_size)
@@ -373,20 +397,28 @@ def generate(cfg: DictConfig, model: SamplingModel | None = None) -> Path:
         trainer.strategy.barrier()
         elapsed = time.perf_counter() - start
         count = len(datamodule.all_missing)
-        rank_zero_info(f"Sampled {count} images in {elapsed:.1f} s ({count / elapsed:.2f} images/s) into {sample_dir}")
+        rank_zero_info(
+            f"Sampled {count} images in {elapsed:.1f} s ({count / elapsed:.2f} images/s) into {sample_dir}"
+        )
     # Set by the launcher (torchrun, SLURM, Lightning's DDP) or by the Trainer: one writer of the npz.
     if rank_zero_only.rank != 0:
         return npz_path
     still_missing = missing_indices(sample_dir, cfg.num_samples)
     if still_missing:
-        raise RuntimeError(f"{len(still_missing)} samples are missing in {sample_dir} (first: {still_missing[:5]})")
-    write_npz(sample_dir, cfg.num_samples, npz_path)
-    rank_zero_info(f"Wrote {npz_path} (arr_0: {cfg.num_samples} images)")
+        raise RuntimeError(
+            f"{len(still_missing)} samples are missing in {sample_dir} (first: {still_missing[:5]})"
+        )
+    # As the official script, keep a finished npz; rebuild it when samples were added or the count changed.
+    if sampled or not npz_path.is_file() or npz_images_shape(str(npz_path))[0] != cfg.num_samples:
+        write_npz(sample_dir, cfg.num_samples, npz_path)
+        rank_zero_info(f"Wrote {npz_path} (arr_0: {cfg.num_samples} images)")
     return npz_path
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
+    # Batches of sample indices need no loader workers; Lightning suggests them all the same.
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
     generate(cfg)
 
 
