@@ -39,6 +39,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from repae.module import to_plain
+from repae.modules.state_dict import StateDictDiff
 from repae.modules.vae import VAE_CONFIGS, AutoencoderKL, build_vae
 
 log = logging.getLogger(__name__)
@@ -211,25 +212,9 @@ def _check_fits(module: nn.Module, state: Mapping[str, Tensor], what: str) -> No
 
     ``module`` is not modified, so it may live on the meta device.
     """
-    expected = module.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    mismatched = [
-        f"{key}: expected {tuple(expected[key].shape)}, found {tuple(state[key].shape)}"
-        for key in expected
-        if key in state and state[key].shape != expected[key].shape
-    ]
-    problems = [
-        f"{len(found)} {kind} ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''})"
-        for kind, found in [
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches", mismatched),
-        ]
-        if found
-    ]
-    if problems:
-        raise ValueError(f"{what} does not fit the configured {type(module).__name__}: {'; '.join(problems)}")
+    diff = StateDictDiff.between(module.state_dict(), state)
+    if not diff.matches:
+        raise ValueError(f"{what} does not fit the configured {type(module).__name__}: {diff.describe()}")
 
 
 def _projector_dims(sit_state: Mapping[str, Tensor]) -> list[int]:

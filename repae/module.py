@@ -37,7 +37,8 @@ from omegaconf import DictConfig, OmegaConf
 from repae.modules.ema import make_ema, update_ema
 from repae.modules.encoders import build_encoders
 from repae.modules.losses import call_with_frozen_parameters
-from repae.modules.samplers import sample
+from repae.modules.samplers import generate_images
+from repae.modules.state_dict import StateDictDiff
 from repae.modules.vae import DiagonalGaussianDistribution, load_vae_weights
 
 MODES = ("e2e", "ldm_only")
@@ -68,18 +69,11 @@ def load_latents_stats(path: str) -> dict[str, torch.Tensor]:
 
 def check_state_dict_matches(found: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
     """Raise one readable ValueError when a checkpoint was written by another architecture."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    mismatched = [f"{key}: expected {tuple(expected[key].shape)}, found {tuple(found[key].shape)}"
-                  for key in sorted(set(found) & set(expected)) if found[key].shape != expected[key].shape]
-    if missing or unexpected or mismatched:
-        def first(items: list[str]) -> str:
-            return ", ".join(items[:5]) + (f", ... ({len(items)} in total)" if len(items) > 5 else "") or "none"
-
+    diff = StateDictDiff.between(expected, found)
+    if not diff.matches:
         raise ValueError(
-            "the checkpoint does not match the configured model (was it written by another experiment?). "
-            f"Missing keys: {first(missing)}. Unexpected keys: {first(unexpected)}. "
-            f"Shape mismatches: {first(mismatched)}."
+            "the checkpoint does not match the configured model (was it written by another experiment?): "
+            f"{diff.describe()}."
         )
 
 
@@ -403,17 +397,7 @@ class REPAE(pl.LightningModule):
     # --- sampling -----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, noise: torch.Tensor, use_ema: bool = True, **sampler_kwargs) -> torch.Tensor:
-        """Sample images for ``labels`` [B] from ``noise`` [B,C,h,w] -> uint8 [B,3,H,W].
-
-        The sampler runs in normalised latent space; latents are de-normalised with the (EMA) SiT's
-        BN statistics and decoded by the VAE; uint8 conversion truncates as the official code.
-        """
-        model = self.ema if use_ema else self.sit
-        kwargs = {**self.sampling_defaults, **sampler_kwargs}
-        kwargs.setdefault("null_class", model.num_classes)
-        was_training = self.vae.training
-        self.vae.eval()
-        latents = sample(model, noise, labels, **kwargs)
-        images = self.vae.decode(model.denormalize_latents(latents.to(noise.dtype)))
-        self.vae.train(was_training)
-        return ((images.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+        """Sample images for ``labels`` [B] from ``noise`` [B,C,h,w] -> uint8 [B,3,H,W] with the (EMA)
+        SiT and the VAE; ``model.sampling`` gives the defaults (see ``generate_images``)."""
+        return generate_images(self.ema if use_ema else self.sit, self.vae, labels, noise,
+                               **{**self.sampling_defaults, **sampler_kwargs})

@@ -31,6 +31,8 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
+from repae.modules.state_dict import StateDictDiff, describe
+
 WEIGHTS_KEY = "model.encoder.weights_paths"
 # An explicit opt-in to random ViT weights, for speed benchmarks and plumbing tests only.
 RANDOM_WEIGHTS = "random"
@@ -212,10 +214,6 @@ class EfficientNetLite0Encoder(RepresentationEncoder):
 # Checkpoint reading and checking
 
 
-def _describe(items: list[str], limit: int = 5) -> str:
-    shown = ", ".join(items[:limit])
-    return f"{shown}, ... ({len(items)} in total)" if len(items) > limit else shown
-
 
 def _existing_file(path: str | Path | None, name: str, wanted: str) -> Path:
     if path is None:
@@ -262,13 +260,13 @@ def _tensor_dict(checkpoint: object, source: str | Path, key: str | None = None)
         if not isinstance(checkpoint.get(key), Mapping):
             raise ValueError(
                 f"{what} has no state dict under {key!r} as the original release does; "
-                f"its top-level keys are: {_describe([str(k) for k in checkpoint])}."
+                f"its top-level keys are: {describe([str(k) for k in checkpoint])}."
             )
         checkpoint = checkpoint[key]
     not_tensors = [str(k) for k, v in checkpoint.items() if not isinstance(v, Tensor)]
     if not_tensors:
         raise ValueError(
-            f"{what} is not a state dict of tensors (entries {_describe(not_tensors)} are not tensors); "
+            f"{what} is not a state dict of tensors (entries {describe(not_tensors)} are not tensors); "
             f"is it a training checkpoint that wraps the weights under another key?"
         )
     return dict(checkpoint)
@@ -281,26 +279,11 @@ def _assign_checked(
 
     ``assign=True`` replaces the parameters, so ``module`` may live on the meta device.
     """
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(state_dict[k].shape)}"
-        for k in expected
-        if k in state_dict and state_dict[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"missing keys: {_describe(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys: {_describe(unexpected)}")
-        if mismatched:
-            problems.append(f"shape mismatches: {_describe(mismatched, limit=3)}")
+    diff = StateDictDiff.between(module.state_dict(), state_dict)
+    if not diff.matches:
         raise ValueError(
-            f"{str(source)!r} (set by `{WEIGHTS_KEY}`) does not fit {architecture}: "
-            + "; ".join(problems)
-            + ". Is it the checkpoint of another encoder or model size?"
+            f"{str(source)!r} (set by `{WEIGHTS_KEY}`) does not fit {architecture}: {diff.describe()}. "
+            "Is it the checkpoint of another encoder or model size?"
         )
     state_dict = {k: v.float().contiguous() if v.is_floating_point() else v for k, v in state_dict.items()}
     module.load_state_dict(state_dict, strict=True, assign=True)

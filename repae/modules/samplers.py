@@ -13,28 +13,11 @@ Conventions (as in the official REPA / REPA-E ``samplers.py``):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
-
-def interpolant(t: torch.Tensor, path_type: str = "linear"):
-    """Coefficients of ``x_t = alpha(t) x_0 + sigma(t) eps`` and their time derivatives.
-
-    Returns ``(alpha, sigma, d_alpha, d_sigma)``, each shaped like ``t``.
-    """
-    if path_type == "linear":
-        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
-    if path_type == "cosine":
-        half_pi = math.pi / 2
-        return (
-            torch.cos(t * half_pi),
-            torch.sin(t * half_pi),
-            -half_pi * torch.sin(t * half_pi),
-            half_pi * torch.cos(t * half_pi),
-        )
-    raise ValueError(f"Unknown path_type {path_type!r}; expected 'linear' or 'cosine'.")
+from repae.modules.sit import interpolant
 
 
 def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor, path_type: str = "linear"):

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from repae.modules.state_dict import StateDictDiff, describe
+
 
 class DiagonalGaussianDistribution:
     """Diagonal Gaussian posterior q(z|x) parameterised by ``[mean; logvar]`` along channels.
@@ -351,10 +353,6 @@ def build_vae(name: str, **overrides) -> AutoencoderKL:
     return AutoencoderKL(**{**VAE_CONFIGS[name], **overrides})
 
 
-def _describe(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit])
-    return f"{shown}, ... ({len(names)} in total)" if len(names) > limit else shown
-
 
 def load_checked_state_dict(
     module: nn.Module,
@@ -402,34 +400,19 @@ def load_checked_state_dict(
             f"(nor one wrapped under {list(wrapper_keys)})."
         )
 
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(state_dict[k].shape)}"
-        for k in expected
-        if k in state_dict and state_dict[k].shape != expected[k].shape
-    ]
-    if mismatched or (strict and (missing or unexpected)):
-        problems = []
-        if missing:
-            problems.append(f"missing keys: {_describe(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys: {_describe(unexpected)}")
-        if mismatched:
-            problems.append(f"shape mismatches: {_describe(mismatched, limit=3)}")
+    diff = StateDictDiff.between(module.state_dict(), state_dict)
+    if diff.mismatched or (strict and not diff.matches):
         hint = ""
-        if any("down_blocks" in k or "up_blocks" in k for k in unexpected):
+        if any("down_blocks" in k or "up_blocks" in k for k in diff.unexpected):
             hint = " The file looks like a diffusers checkpoint; convert it to the CompVis/LDM layout."
         raise ValueError(
             f"{str(path)!r} (set by `{config_key}`) does not match the configured {target}: "
-            + "; ".join(problems)
-            + f". Check that the model config matches the file.{hint}"
+            f"{diff.describe()}. Check that the model config matches the file.{hint}"
         )
-    if missing or unexpected:
+    if not diff.matches:
         warnings.warn(
-            f"Non-strict load of {str(path)!r} into {target}: {len(missing)} missing keys "
-            f"({_describe(missing)}), {len(unexpected)} unexpected keys ({_describe(unexpected)}).",
+            f"Non-strict load of {str(path)!r} into {target}: {len(diff.missing)} missing keys "
+            f"({describe(diff.missing)}), {len(diff.unexpected)} unexpected keys ({describe(diff.unexpected)}).",
             stacklevel=2,
         )
     return module.load_state_dict(state_dict, strict=strict)

@@ -1,0 +1,49 @@
+"""Comparing a state dict with the one a module expects, for one readable error message."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+def describe(items: list[str], limit: int = 5) -> str:
+    """The first ``limit`` items, comma-separated, with the total when there are more."""
+    shown = ", ".join(items[:limit])
+    return f"{shown}, ... ({len(items)} in total)" if len(items) > limit else shown
+
+
+@dataclass
+class StateDictDiff:
+    """Keys of ``found`` missing from, unexpected for, or mis-shaped against ``expected``."""
+
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[str]
+
+    @classmethod
+    def between(cls, expected: Mapping[str, Tensor], found: Mapping[str, Tensor]) -> StateDictDiff:
+        return cls(
+            missing=[key for key in expected if key not in found],
+            unexpected=[key for key in found if key not in expected],
+            mismatched=[
+                f"{key}: expected {tuple(expected[key].shape)}, found {tuple(found[key].shape)}"
+                for key in expected
+                if key in found and found[key].shape != expected[key].shape
+            ],
+        )
+
+    @property
+    def matches(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def describe(self) -> str:
+        """e.g. "missing keys: a, b; shape mismatches: c: expected (2,), found (3,)"."""
+        problems = [
+            f"{kind}: {describe(items, limit)}"
+            for kind, items, limit in [("missing keys", self.missing, 5), ("unexpected keys", self.unexpected, 5),
+                                       ("shape mismatches", self.mismatched, 3)]
+            if items
+        ]
+        return "; ".join(problems)
