@@ -7,11 +7,10 @@ same command resumes from ``checkpoints/last.ckpt`` after an interruption or a S
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
 import logging
 import zipfile
+from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
