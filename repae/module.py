@@ -110,7 +110,7 @@ class REPAE(pl.LightningModule):
         vae_weights_path, latents_stats_path, discriminator_weights_path: pretrained files loaded
             by ``load_pretrained`` when a run starts (not when it resumes).
         sampling: defaults for ``generate`` (mode, num_steps, cfg_scale, guidance interval, ...).
-        compile: torch.compile the SiT and VAE in place.
+        compile: torch.compile the SiT, the VAE, the encoders and the loss networks in place.
     """
 
     def __init__(
@@ -207,8 +207,8 @@ class REPAE(pl.LightningModule):
             self.grad_scalers = [torch.amp.GradScaler(device) for _ in self.parameter_groups]
             plugin.scaler = None
         if self.compile_models and stage == "fit":
-            self.sit.compile()
-            self.vae.compile()
+            for module in [self.sit, self.vae, *self.encoders, *([self.vae_loss] if self.vae_loss else [])]:
+                module.compile()
 
     @cached_property
     def parameter_groups(self) -> list[tuple[str, list[nn.Parameter], float]]:
@@ -230,6 +230,7 @@ class REPAE(pl.LightningModule):
                 weight_decay=config.get("adam_weight_decay", 0.0),
                 eps=config.get("adam_epsilon", 1e-8),
                 foreach=config.get("foreach", None),
+                fused=config.get("fused", None),
             )
             for _, params, lr in self.parameter_groups
         ]

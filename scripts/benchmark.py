@@ -60,18 +60,25 @@ class RandomImages(Dataset):
 
 
 class StepTimer(pl.Callback):
-    """Wall time of every training batch (CUDA-synchronised), and FLOPs of the first one."""
+    """Wall time of every training batch (CUDA-synchronised), FLOPs of the first one, and
+    optionally a kernel profile of the last two."""
 
-    def __init__(self, count_flops: bool):
+    def __init__(self, count_flops: bool, total_steps: int, profile_path: Path | None):
         self.times: list[float] = []
         self.flops: int | None = None
         self.count_flops = count_flops
+        self.total_steps = total_steps
+        self.profile_path = profile_path
         self._counter: FlopCounterMode | None = None
+        self._profiler: torch.profiler.profile | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.count_flops and batch_idx == 0:
             self._counter = FlopCounterMode(display=False)
             self._counter.__enter__()
+        if self.profile_path and batch_idx == self.total_steps - 2:
+            self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            self._profiler.__enter__()
         torch.cuda.synchronize()
         self._start = time.perf_counter()
 
@@ -82,6 +89,12 @@ class StepTimer(pl.Callback):
             self._counter.__exit__(None, None, None)
             self.flops = self._counter.get_total_flops()
             self._counter = None
+        if self._profiler is not None and batch_idx == self.total_steps - 1:
+            self._profiler.__exit__(None, None, None)
+            table = self._profiler.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+            self.profile_path.parent.mkdir(parents=True, exist_ok=True)
+            self.profile_path.write_text(table)
+            self._profiler = None
 
 
 def matmul_tflops(size: int = 8192, repeats: int = 10) -> float:
@@ -108,6 +121,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed first steps (default: 5)")
     parser.add_argument("--num-workers", type=int, default=4, help="data loader workers (default: 4)")
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="profile the last two steps; write the CUDA kernel table here")
     args = parser.parse_args()
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -125,7 +140,7 @@ def main() -> None:
     dataset = RandomImages(args.batch_size * args.devices * (args.warmup + args.steps), args.resolution,
                            model.num_classes)
     datamodule = ImageDataModule(dataset, batch_size=args.batch_size * args.devices, num_workers=args.num_workers)
-    timer = StepTimer(count_flops=args.devices == 1)
+    timer = StepTimer(count_flops=args.devices == 1, total_steps=args.warmup + args.steps, profile_path=args.profile)
     strategy = cfg.trainer.get("strategy", "auto")
     trainer = pl.Trainer(
         accelerator="gpu", devices=args.devices, precision=cfg.trainer.precision,
