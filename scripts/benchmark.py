@@ -120,6 +120,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default: 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed first steps (default: 5)")
     parser.add_argument("--num-workers", type=int, default=4, help="data loader workers (default: 4)")
+    parser.add_argument("--flops-per-image", type=float, default=None,
+                        help="FLOPs of one image's step; default: counted on the first step, which is only "
+                             "possible without model.compile (a dispatch mode stops dynamo compiling that step)")
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--profile", type=Path, default=None,
                         help="profile the last two steps; write the CUDA kernel table here")
@@ -140,7 +143,8 @@ def main() -> None:
     dataset = RandomImages(args.batch_size * args.devices * (args.warmup + args.steps), args.resolution,
                            model.num_classes)
     datamodule = ImageDataModule(dataset, batch_size=args.batch_size * args.devices, num_workers=args.num_workers)
-    timer = StepTimer(count_flops=args.devices == 1, total_steps=args.warmup + args.steps, profile_path=args.profile)
+    count_flops = args.flops_per_image is None and args.devices == 1 and not cfg.model.compile
+    timer = StepTimer(count_flops=count_flops, total_steps=args.warmup + args.steps, profile_path=args.profile)
     strategy = cfg.trainer.get("strategy", "auto")
     trainer = pl.Trainer(
         accelerator="gpu", devices=args.devices, precision=cfg.trainer.precision,
@@ -162,11 +166,12 @@ def main() -> None:
         "precision": str(cfg.trainer.precision),
         "compile": bool(cfg.model.compile),
         "step_time_s": step_time,
+        "first_step_s": timer.times[0],
         "images_per_second": images_per_second,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
     }
-    if timer.flops:
-        flops_per_image = timer.flops / args.batch_size
+    flops_per_image = args.flops_per_image or (timer.flops / args.batch_size if timer.flops else None)
+    if flops_per_image:
         peak = matmul_tflops()
         results.update(
             tflop_per_image=flops_per_image / 1e12,
