@@ -1,0 +1,199 @@
+"""Run the training entry point as separate processes with injected faults (for test_reliability.py).
+
+Usage: ``python tests/fault_runner.py plan.json results.json``. The plan is ``{"cases": [case, ...]}``
+and each case one run of ``python -m repae.train *argv`` in its own process: a child forked from
+this one after the heavy imports (torch, Lightning, timm: most of a tiny run's start-up time), which
+then runs the ``repae.train`` module as ``__main__`` the way ``python -m`` does. The child's stdout
+and stderr go to files and its end is observed with ``waitpid``, so a SIGKILL is seen as exactly
+that. Cases run one after the other in plan order; a ``background`` case is started without
+waiting (and awaited at the end), to run next to the others on a second core.
+
+A case: ``{"name", "argv", "faults": [...], "background": bool, "keep": [file, ...],
+"watch": [file or folder, ...]}``. Right after a (foreground) case ends, the files in ``keep`` are
+copied to ``<results folder>/<name>/`` and the sha256 of every file under ``watch`` is recorded.
+
+Faults are patched into the child only (production code has no test hooks):
+
+- ``{"kind": "kill_after_optimizer_step", "step": s}``: SIGKILL inside the 1-based step ``s``, after
+  the optimizers and the EMA have updated the weights in memory, before the step counter moves.
+- ``{"kind": "fail_checkpoint_write", "step": s, "file": "last.ckpt", "action": "enospc" | "kill",
+  "probe": path}``: while the trainer saves ``file`` after step ``s``, a file opened for binary
+  writing gets the first half of the first block written to it (flushed to disk), then the write
+  raises ``OSError(ENOSPC)`` (a full disk) or the process SIGKILLs itself. The probe JSON records
+  the sha256 of ``file`` before the save and the paths opened for writing.
+- ``{"kind": "nan_vae_loss", "from_step": s}``: the VAE loss is NaN in every step from ``s`` on.
+
+Results, by case name: ``{"exitcode", "signal", "stdout", "stderr", "watched"}`` (``signal`` is set
+when the child was killed by one, ``exitcode`` otherwise).
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import hashlib
+import importlib.util
+import json
+import os
+import runpy
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import hydra  # noqa: F401  (imported before forking, so that no run pays for it)
+import lightning.pytorch as pl
+
+import repae.callbacks.checkpoint  # noqa: F401
+import repae.callbacks.sampling  # noqa: F401
+import repae.datamodules.datamodule  # noqa: F401
+import repae.loggers  # noqa: F401
+from repae.module import REPAE
+from repae.modules.losses import VAERegularizationLoss
+
+
+def sha256(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def kill_after_optimizer_step(step: int) -> None:
+    original = REPAE._step_if_finite
+
+    def step_then_die(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if self.step + 1 == step:  # the counter moves right after this call
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    REPAE._step_if_finite = step_then_die
+
+
+class HalfWrittenFile:
+    """A binary file whose first ``write`` stores half its bytes, reaches the disk, then fails."""
+
+    def __init__(self, file, action: str):
+        self._file = file
+        self._action = action
+
+    def write(self, data) -> int:
+        self._file.write(bytes(data)[: len(data) // 2])
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        if self._action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._file.close()
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
+def fail_checkpoint_write(step: int, file: str, action: str, probe: str) -> None:
+    original_save, original_open = pl.Trainer.save_checkpoint, builtins.open
+
+    def save_checkpoint(self, filepath, *args, **kwargs):
+        if Path(filepath).name != file or self.lightning_module.step != step:
+            return original_save(self, filepath, *args, **kwargs)
+        record = {"before_sha256": sha256(Path(filepath)), "opened_for_writing": []}
+
+        def failing_open(path, mode="r", *open_args, **open_kwargs):
+            handle = original_open(path, mode, *open_args, **open_kwargs)
+            if isinstance(path, int) or "b" not in mode or not set(mode) & set("wax"):
+                return handle
+            record["opened_for_writing"].append(os.path.abspath(path))
+            Path(probe).write_text(json.dumps(record))
+            return HalfWrittenFile(handle, action)
+
+        Path(probe).write_text(json.dumps(record))
+        builtins.open = failing_open
+        try:
+            return original_save(self, filepath, *args, **kwargs)
+        finally:
+            builtins.open = original_open
+
+    pl.Trainer.save_checkpoint = save_checkpoint
+
+
+def nan_vae_loss(from_step: int) -> None:
+    original = VAERegularizationLoss.forward
+
+    def forward(self, inputs, reconstructions, posterior, step, mode="generator"):
+        loss, logs = original(self, inputs, reconstructions, posterior, step, mode)
+        if mode == "generator" and step + 1 >= from_step:  # ``step`` counts completed steps
+            loss = loss * float("nan")
+        return loss, logs
+
+    VAERegularizationLoss.forward = forward
+
+
+FAULTS = {
+    "kill_after_optimizer_step": kill_after_optimizer_step,
+    "fail_checkpoint_write": fail_checkpoint_write,
+    "nan_vae_loss": nan_vae_loss,
+}
+
+
+def run_child(case: dict, out_dir: Path) -> None:
+    """In the forked child: redirect output, install the faults, run the entry point. Never returns:
+    ``main``'s SystemExit (or any exception) ends the child as it would end ``python -m repae.train``."""
+    for fd, stream in ((1, "stdout"), (2, "stderr")):
+        with open(out_dir / f"{case['name']}.{stream}", "wb") as file:
+            os.dup2(file.fileno(), fd)
+    for fault in case.get("faults", []):
+        FAULTS[fault["kind"]](**{key: value for key, value in fault.items() if key != "kind"})
+    sys.argv = [importlib.util.find_spec("repae.train").origin, *case["argv"]]
+    runpy.run_module("repae.train", run_name="__main__", alter_sys=True)
+    sys.exit(0)
+
+
+def outcome(status: int, case: dict, out_dir: Path) -> dict:
+    """The finished child's exit, output, the sha256 of the files under ``watch`` and copies of the
+    files named in ``keep`` (in ``out_dir/<case name>/``), taken before the next case runs."""
+    kept = out_dir / case["name"]
+    for path in map(Path, case.get("keep", [])):
+        if path.is_file():
+            kept.mkdir(exist_ok=True)
+            shutil.copyfile(path, kept / path.name)
+    return {
+        "exitcode": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+        "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+        **{
+            stream: (out_dir / f"{case['name']}.{stream}").read_text(errors="replace")
+            for stream in ("stdout", "stderr")
+        },
+        "watched": {
+            str(path): sha256(path)
+            for watch in map(Path, case.get("watch", []))
+            for path in (sorted(watch.rglob("*")) if watch.is_dir() else [watch])
+            if path.is_file()
+        },
+    }
+
+
+def main(plan_path: str, results_path: str) -> None:
+    cases = json.loads(Path(plan_path).read_text())["cases"]
+    out_dir = Path(results_path).parent
+    results, background = {}, {}
+    for case in cases:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            run_child(case, out_dir)
+        if case.get("background"):
+            background[pid] = case
+            continue
+        _, status = os.waitpid(pid, 0)
+        results[case["name"]] = outcome(status, case, out_dir)
+    for pid, case in background.items():
+        _, status = os.waitpid(pid, 0)
+        results[case["name"]] = outcome(status, case, out_dir)
+    Path(results_path).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
