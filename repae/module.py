@@ -251,9 +251,17 @@ class REPAE(pl.LightningModule):
                 f"must be a multiple of {factor} and equal input_size * {factor}"
             )
 
+    @cached_property
+    def step_buffers(self) -> list[torch.Tensor]:
+        """Buffers a training step changes in its forward passes (BN running stats of the SiT and
+        the discriminator, LeCam EMAs): a skipped step restores them."""
+        frozen = ("encoders.", "vae_loss.perceptual.", "ema.", "train_step", "nonfinite_steps")
+        return [buffer for name, buffer in self.named_buffers() if not name.startswith(frozen)]
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch["image"], batch["label"]
         self.check_batch(images)
+        buffers_before = [buffer.clone() for buffer in self.step_buffers]
         zs = self.encode_features(images)
         grad_norms: dict[str, torch.Tensor] = {}
         backward = partial(self._backward, grad_norms=grad_norms)
@@ -261,7 +269,8 @@ class REPAE(pl.LightningModule):
             logs = self._e2e_losses(images, labels, zs, backward)
         else:
             logs = self._ldm_only_losses(batch, images, labels, zs, backward)
-        self._step_if_finite(grad_norms)
+        if not self._step_if_finite(grad_norms):
+            torch._foreach_copy_(self.step_buffers, buffers_before)
         self.train_step += 1
         logs.update({f"grad_norm_{name}": norm for name, norm in grad_norms.items()})
         logs.update(step=float(self.step), epoch=float(self.current_epoch), nonfinite_steps=self.nonfinite_steps.float())
@@ -333,11 +342,13 @@ class REPAE(pl.LightningModule):
             scaler.unscale_(optimizer.optimizer)
         grad_norms[name] = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
 
-    def _step_if_finite(self, grad_norms: dict[str, torch.Tensor]) -> None:
+    def _step_if_finite(self, grad_norms: dict[str, torch.Tensor]) -> bool:
         """Step every optimizer and the EMA if all gradient norms are finite; otherwise skip all of
-        them together, so the three models stay consistent, and count the skip."""
+        them together, so the three models stay consistent, and count the skip. Returns whether
+        the step was taken."""
         optimizers = self._optimizers_by_name()
-        if bool(torch.stack([norm.float() for norm in grad_norms.values()]).isfinite().all()):
+        finite = bool(torch.stack([norm.float() for norm in grad_norms.values()]).isfinite().all())
+        if finite:
             for optimizer, _, _ in optimizers.values():
                 optimizer.step()
             update_ema(self.ema, self.sit, self.ema_decay)
@@ -350,12 +361,13 @@ class REPAE(pl.LightningModule):
             if self.consecutive_nonfinite >= self.max_consecutive_nonfinite:
                 raise FloatingPointError(
                     f"{self.consecutive_nonfinite} consecutive steps with non-finite losses or gradients "
-                    f"(last at step {self.step}); stopping. Resume from the last checkpoint, "
+                    f"(last at step {self.step + 1}); stopping. Resume from the last checkpoint, "
                     "e.g. with a lower learning rate or bf16 instead of 16-mixed precision."
                 )
         for _, _, scaler in optimizers.values():
             if scaler:
                 scaler.update()
+        return finite
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.step >= self.max_train_steps:

@@ -7,6 +7,7 @@ same command resumes from ``checkpoints/last.ckpt`` after an interruption or a S
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import zipfile
@@ -49,6 +50,21 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     return str(path)
 
 
+def check_latent_cache(dataset, model, cfg: DictConfig) -> None:
+    """A latent cache must hold [mean; std] latents of the configured VAE's shape."""
+    if "latents_name" not in cfg.data.dataset:
+        return
+    found = tuple(dataset[0]["latent"].shape)
+    expected = (2 * model.vae.latent_channels, model.sit.input_size, model.sit.input_size)
+    if found != expected:
+        raise ValueError(
+            f"the latent cache data.dataset.latents_name={cfg.data.dataset.latents_name} holds latents of shape "
+            f"{found}, but the configured VAE and SiT need {expected} ([mean; std] of {expected[0] // 2} channels): "
+            "it was built with a different VAE. Rebuild it with python -m repae.cache_latents or point "
+            "latents_name at the cache of this VAE."
+        )
+
+
 def check_readable_checkpoint(path: Path) -> None:
     """A torch checkpoint is a zip archive; a truncated one has no readable central directory."""
     try:
@@ -67,6 +83,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.allow_tf32)
     datamodule = instantiate(cfg.data)
     model = instantiate(to_plain(cfg.model), _recursive_=False)
+    check_latent_cache(datamodule.dataset, model, cfg)
     ckpt_path = resume_checkpoint(cfg)
     if ckpt_path is None:
         model.load_pretrained()
@@ -82,6 +99,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def disk_full(error: BaseException | None) -> bool:
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def input_error(error: BaseException) -> BaseException | None:
     """The user-facing cause of ``error`` if it is bad input (Hydra wraps errors raised while
     building an object from the config), else None."""
@@ -90,16 +115,29 @@ def input_error(error: BaseException) -> BaseException | None:
     return error if isinstance(error, INPUT_ERRORS) else None
 
 
+def one_line(error: BaseException) -> str:
+    """The error's message without the worker traceback a DataLoader worker's error carries."""
+    message = str(error)
+    if "\nOriginal Traceback" in message:
+        return message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return message
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> dict[str, float]:
     try:
         return train(cfg)
     except Exception as error:
-        cause = input_error(error)
-        if cause is None:
+        if disk_full(error):
+            last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+            message = (f"no space left on device while checkpointing ({error}); {last} is intact: "
+                       "free space and re-run the same command")
+        elif (cause := input_error(error)) is not None:
+            message = one_line(cause)
+        else:
             raise
-        log.error("%s: %s", type(cause).__name__, cause)
-        raise SystemExit(f"error: {cause}") from None
+        log.error(message)
+        raise SystemExit(f"error: {message}") from None
 
 
 if __name__ == "__main__":

@@ -60,9 +60,10 @@ def kill_after_optimizer_step(step: int) -> None:
     original = REPAE._step_if_finite
 
     def step_then_die(self, *args, **kwargs):
-        original(self, *args, **kwargs)
+        taken = original(self, *args, **kwargs)
         if self.step + 1 == step:  # the counter moves right after this call
             os.kill(os.getpid(), signal.SIGKILL)
+        return taken
 
     REPAE._step_if_finite = step_then_die
 

@@ -43,7 +43,7 @@ def test_sit_geometry_follows_the_vae():
 
 def test_slurm_trainer_takes_ranks_from_slurm_without_lightning_requeue():
     cfg = compose_train("experiment=repae_sdvae", "trainer=slurm")
-    environment = instantiate(cfg.trainer.plugins[0])
+    environment = instantiate(cfg.trainer.plugins[1])
     assert type(environment).__name__ == "SLURMEnvironment" and environment.auto_requeue is False
     assert cfg.trainer.strategy.find_unused_parameters is True
 

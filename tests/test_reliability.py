@@ -220,12 +220,6 @@ def test_a_kill_while_writing_last_ckpt_leaves_the_previous_complete_one(kill_ch
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="Lightning's _atomic_save writes the temporary file into $TMPDIR, not "
-    "next to the checkpoint: on another filesystem the final rename is a copy, and a kill or a full "
-    "disk during that copy leaves a half-written last.ckpt",
-)
 def test_checkpoints_are_written_next_to_their_final_name(kill_chain):
     opened = [Path(path) for path in kill_chain.probes["killed_in_save"]["opened_for_writing"]]
     assert opened and all(path.parent == kill_chain.chain / "checkpoints" for path in opened), opened
@@ -246,11 +240,6 @@ def test_a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_byte_ide
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="main() reports only bad-input errors in one line; a full disk "
-    "(OSError ENOSPC) ends in Hydra's traceback",
-)
 def test_a_full_disk_is_reported_in_one_line(kill_chain):
     line = the_error_line(kill_chain.results["disk_full"])
     assert "No space left on device" in line and "last.ckpt" in line
@@ -310,11 +299,6 @@ def test_a_nan_loss_skips_all_three_updates_and_the_ema_and_is_counted(tiny_conf
     assert (checkpoint["state_dict"]["train_step"], checkpoint["state_dict"]["nonfinite_steps"]) == (3, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a skipped step still updates buffers in its forward passes: NaN latents "
-    "make the SiT's BatchNorm running statistics NaN, and every later step is non-finite too",
-)
 def test_nan_latents_in_one_step_do_not_poison_later_steps(tiny_config, monkeypatch):
     cfg = tiny_config(*QUIET, "model.max_train_steps=4")
     original, calls = AutoencoderKL.forward, []
@@ -549,22 +533,12 @@ def test_corrupt_image_is_named(bad_inputs):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="an error re-raised from a DataLoader worker carries the worker's "
-    "traceback in its message, which main() prints whole",
-)
 def test_corrupt_image_read_in_a_worker_is_named_without_the_worker_traceback(bad_inputs):
     line = the_error_line(bad_inputs.results["corrupt_image_in_worker"])
     assert f"cannot read image {bad_inputs.corrupt}" in line
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="nothing compares the cached latents with the configured VAE: 8-channel "
-    "latents reach the 4-channel SiT and fail with a shape-mismatch traceback",
-)
 def test_latent_cache_of_another_vae_is_named(bad_inputs):
     line = the_error_line(bad_inputs.results["cache_of_another_vae"])
     assert "other-vae" in line and "VAE" in line
