@@ -136,7 +136,9 @@ class REPAE(pl.LightningModule):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown model.mode {mode!r}; choose one of {MODES}")
-        self.save_hyperparameters(to_plain({key: value for key, value in locals().items() if key not in ("self", "__class__")}))
+        self.save_hyperparameters(
+            to_plain({key: value for key, value in locals().items() if key not in ("self", "__class__")})
+        )
         self.automatic_optimization = False
         self.mode = mode
         self.proj_coeff = proj_coeff
@@ -191,7 +193,9 @@ class REPAE(pl.LightningModule):
         if hp.latents_stats_path:
             self.sit.init_bn(**load_latents_stats(hp.latents_stats_path))
         elif self.mode == "ldm_only":
-            raise ValueError("ldm_only mode needs model.latents_stats_path: the SiT's fixed latent normalisation")
+            raise ValueError(
+                "ldm_only mode needs model.latents_stats_path: the SiT's fixed latent normalisation"
+            )
         if hp.discriminator_weights_path and self.vae_loss is not None:
             from repae.modules.discriminator import load_discriminator_weights
 
@@ -214,10 +218,18 @@ class REPAE(pl.LightningModule):
     def parameter_groups(self) -> list[tuple[str, list[nn.Parameter], float]]:
         """(name, parameters, learning rate) per optimizer, in optimizer order."""
         config = self.optimizer_config
-        groups = [("sit", [p for p in self.sit.parameters() if p.requires_grad], config.get("learning_rate", 1e-4))]
+        groups = [
+            ("sit", [p for p in self.sit.parameters() if p.requires_grad], config.get("learning_rate", 1e-4))
+        ]
         if self.mode == "e2e":
             groups.append(("vae", list(self.vae.parameters()), config.get("vae_learning_rate", 1e-4)))
-            groups.append(("disc", list(self.vae_loss.discriminator.parameters()), config.get("disc_learning_rate", 1e-4)))
+            groups.append(
+                (
+                    "disc",
+                    list(self.vae_loss.discriminator.parameters()),
+                    config.get("disc_learning_rate", 1e-4),
+                )
+            )
         return groups
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -273,13 +285,23 @@ class REPAE(pl.LightningModule):
             torch._foreach_copy_(self.step_buffers, buffers_before)
         self.train_step += 1
         logs.update({f"grad_norm_{name}": norm for name, norm in grad_norms.items()})
-        logs.update(step=float(self.step), epoch=float(self.current_epoch), nonfinite_steps=self.nonfinite_steps.float())
+        logs.update(
+            step=float(self.step),
+            epoch=float(self.current_epoch),
+            nonfinite_steps=self.nonfinite_steps.float(),
+        )
         shown = ("sit_loss", "vae_loss", "d_loss")
         for prog_bar in (False, True):
-            self.log_dict({key: value for key, value in logs.items() if (key in shown) == prog_bar},
-                          on_step=True, prog_bar=prog_bar, batch_size=images.shape[0])
+            self.log_dict(
+                {key: value for key, value in logs.items() if (key in shown) == prog_bar},
+                on_step=True,
+                prog_bar=prog_bar,
+                batch_size=images.shape[0],
+            )
 
-    def _e2e_losses(self, images, labels, zs, backward: Callable[[str, torch.Tensor], None]) -> dict[str, torch.Tensor]:
+    def _e2e_losses(
+        self, images, labels, zs, backward: Callable[[str, torch.Tensor], None]
+    ) -> dict[str, torch.Tensor]:
         """The three losses of an end-to-end step, each handed to ``backward(name, loss)`` as soon as
         it is formed, so only one pass's activations are alive at a time. Returns the logs."""
         x = images.float() / 127.5 - 1
@@ -302,8 +324,12 @@ class REPAE(pl.LightningModule):
         sit_loss = denoising_loss + self.proj_coeff * out["proj_loss"]
         backward("sit", sit_loss)
         return {
-            "sit_loss": sit_loss, "denoising_loss": denoising_loss, "proj_loss": out["proj_loss"],
-            "vae_loss": vae_loss, "vae_align_loss": vae_align_loss, "d_loss": d_loss,
+            "sit_loss": sit_loss,
+            "denoising_loss": denoising_loss,
+            "proj_loss": out["proj_loss"],
+            "vae_loss": vae_loss,
+            "vae_align_loss": vae_align_loss,
+            "d_loss": d_loss,
             **{key: value for key, value in reg_logs.items() if key != "total_loss"},
             **{key: value for key, value in d_logs.items() if key != "discriminator_loss"},
         }
@@ -330,8 +356,10 @@ class REPAE(pl.LightningModule):
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         groups = self.parameter_groups
         scalers = self.grad_scalers or [None] * len(groups)
-        return {name: (optimizer, params, scaler)
-                for (name, params, _), optimizer, scaler in zip(groups, optimizers, scalers, strict=True)}
+        return {
+            name: (optimizer, params, scaler)
+            for (name, params, _), optimizer, scaler in zip(groups, optimizers, scalers, strict=True)
+        }
 
     def _backward(self, name: str, loss: torch.Tensor, grad_norms: dict[str, torch.Tensor]) -> None:
         """Backpropagate ``loss`` into parameter set ``name`` and clip its (unscaled) gradients."""
@@ -380,7 +408,9 @@ class REPAE(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         prefixes = self._frozen_prefixes()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)
+        }
         if self.grad_scalers:
             checkpoint["grad_scalers"] = [scaler.state_dict() for scaler in self.grad_scalers]
         # Every rank's RNG state, so a resumed run draws the same t, noise and label dropout.
@@ -409,8 +439,15 @@ class REPAE(pl.LightningModule):
 
     # --- sampling -----------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, labels: torch.Tensor, noise: torch.Tensor, use_ema: bool = True, **sampler_kwargs) -> torch.Tensor:
+    def generate(
+        self, labels: torch.Tensor, noise: torch.Tensor, use_ema: bool = True, **sampler_kwargs
+    ) -> torch.Tensor:
         """Sample images for ``labels`` [B] from ``noise`` [B,C,h,w] -> uint8 [B,3,H,W] with the (EMA)
         SiT and the VAE; ``model.sampling`` gives the defaults (see ``generate_images``)."""
-        return generate_images(self.ema if use_ema else self.sit, self.vae, labels, noise,
-                               **{**self.sampling_defaults, **sampler_kwargs})
+        return generate_images(
+            self.ema if use_ema else self.sit,
+            self.vae,
+            labels,
+            noise,
+            **{**self.sampling_defaults, **sampler_kwargs},
+        )

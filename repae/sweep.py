@@ -24,8 +24,9 @@ def collect(sweep_dir: Path, keys: list[str]) -> list[dict[str, Any]]:
         overrides_file = run_dir / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
         metrics = json.loads(metrics_file.read_text())
-        rows.append({"run": run_dir.name, "overrides": " ".join(overrides),
-                     **{key: metrics.get(key) for key in keys}})
+        rows.append(
+            {"run": run_dir.name, "overrides": " ".join(overrides), **{key: metrics.get(key) for key in keys}}
+        )
     return rows
 
 
@@ -52,5 +53,7 @@ class SweepSummary(Callback):
         for column in rows[0]:
             table.add_column(column)
         for row in rows:
-            table.add_row(*("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+            table.add_row(
+                *("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values())
+            )
         Console().print(table)

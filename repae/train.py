@@ -33,7 +33,9 @@ INPUT_ERRORS = (FileNotFoundError, ValueError, CorruptSampleError, FloatingPoint
 def instantiate_dict(config: DictConfig | None) -> list:
     """Instantiate every entry with a ``_target_`` of a group like ``callbacks`` or ``logger``
     (entries set to null are skipped, so any of them can be switched off from the command line)."""
-    return [instantiate(entry) for entry in (config or {}).values() if entry is not None and "_target_" in entry]
+    return [
+        instantiate(entry) for entry in (config or {}).values() if entry is not None and "_target_" in entry
+    ]
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:
@@ -87,8 +89,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resume_checkpoint(cfg)
     if ckpt_path is None:
         model.load_pretrained()
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=instantiate_dict(cfg.callbacks),
-                                      logger=instantiate_dict(cfg.get("logger")) or False)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=instantiate_dict(cfg.callbacks),
+        logger=instantiate_dict(cfg.get("logger")) or False,
+    )
     if trainer.is_global_zero:
         Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, Path(cfg.paths.output_dir) / "config.yaml", resolve=True)
@@ -130,8 +135,10 @@ def main(cfg: DictConfig) -> dict[str, float]:
     except Exception as error:
         if disk_full(error):
             last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-            message = (f"no space left on device while checkpointing ({error}); {last} is intact: "
-                       "free space and re-run the same command")
+            message = (
+                f"no space left on device while checkpointing ({error}); {last} is intact: "
+                "free space and re-run the same command"
+            )
         elif (cause := input_error(error)) is not None:
             message = one_line(cause)
         else:

@@ -55,7 +55,9 @@ class RandomImages(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(index)
-        image = torch.randint(0, 256, (3, self.resolution, self.resolution), dtype=torch.uint8, generator=generator)
+        image = torch.randint(
+            0, 256, (3, self.resolution, self.resolution), dtype=torch.uint8, generator=generator
+        )
         return {"image": image, "label": torch.tensor(index % self.num_classes)}
 
 
@@ -112,7 +114,9 @@ def matmul_tflops(size: int = 8192, repeats: int = 10) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the training config")
     parser.add_argument("--batch-size", type=int, default=32, help="images per GPU (default: 32)")
     parser.add_argument("--devices", type=int, default=1, help="GPUs (default: 1)")
@@ -120,12 +124,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default: 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed first steps (default: 5)")
     parser.add_argument("--num-workers", type=int, default=4, help="data loader workers (default: 4)")
-    parser.add_argument("--flops-per-image", type=float, default=None,
-                        help="FLOPs of one image's step; default: counted on the first step, which is only "
-                             "possible without model.compile (a dispatch mode stops dynamo compiling that step)")
+    parser.add_argument(
+        "--flops-per-image",
+        type=float,
+        default=None,
+        help="FLOPs of one image's step; default: counted on the first step, which is only "
+        "possible without model.compile (a dispatch mode stops dynamo compiling that step)",
+    )
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
-    parser.add_argument("--profile", type=Path, default=None,
-                        help="profile the last two steps; write the CUDA kernel table here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="profile the last two steps; write the CUDA kernel table here",
+    )
     args = parser.parse_args()
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -134,29 +146,46 @@ def main() -> None:
     if cfg.model.mode == "ldm_only":  # needs fixed latent statistics; unit ones will do for timing
         stats = Path(tempfile.mkdtemp()) / "latents-stats.pt"
         channels = cfg.model.sit.in_channels
-        torch.save({"latents_scale": torch.ones(1, channels, 1, 1), "latents_bias": torch.zeros(1, channels, 1, 1)}, stats)
+        torch.save(
+            {"latents_scale": torch.ones(1, channels, 1, 1), "latents_bias": torch.zeros(1, channels, 1, 1)},
+            stats,
+        )
         cfg.model.latents_stats_path = str(stats)
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.allow_tf32)
     model = instantiate(to_plain(cfg.model), _recursive_=False)
     model.load_pretrained()
-    dataset = RandomImages(args.batch_size * args.devices * (args.warmup + args.steps), args.resolution,
-                           model.num_classes)
-    datamodule = ImageDataModule(dataset, batch_size=args.batch_size * args.devices, num_workers=args.num_workers)
+    dataset = RandomImages(
+        args.batch_size * args.devices * (args.warmup + args.steps), args.resolution, model.num_classes
+    )
+    datamodule = ImageDataModule(
+        dataset, batch_size=args.batch_size * args.devices, num_workers=args.num_workers
+    )
     count_flops = args.flops_per_image is None and args.devices == 1 and not cfg.model.compile
-    timer = StepTimer(count_flops=count_flops, total_steps=args.warmup + args.steps, profile_path=args.profile)
+    timer = StepTimer(
+        count_flops=count_flops, total_steps=args.warmup + args.steps, profile_path=args.profile
+    )
     strategy = cfg.trainer.get("strategy", "auto")
     trainer = pl.Trainer(
-        accelerator="gpu", devices=args.devices, precision=cfg.trainer.precision,
+        accelerator="gpu",
+        devices=args.devices,
+        precision=cfg.trainer.precision,
         strategy=instantiate(strategy) if isinstance(strategy, DictConfig) else strategy,
-        max_epochs=-1, max_steps=-1, use_distributed_sampler=False, benchmark=True, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        max_epochs=-1,
+        max_steps=-1,
+        use_distributed_sampler=False,
+        benchmark=True,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
     )
     torch.cuda.reset_peak_memory_stats()
     trainer.fit(model, datamodule=datamodule)
     if not trainer.is_global_zero:
         return
-    step_time = statistics.median(timer.times[args.warmup:])
+    step_time = statistics.median(timer.times[args.warmup :])
     images_per_second = args.batch_size * args.devices / step_time
     results = {
         "overrides": args.overrides,

@@ -35,8 +35,10 @@ def test_experiment_composes_with_official_defaults(experiment):
 
 
 def test_sit_geometry_follows_the_vae():
-    for experiment, (name, size, channels) in {"repae_sdvae": ("SiT-XL/2", 32, 4),
-                                               "repae_invae": ("SiT-XL/1", 16, 32)}.items():
+    for experiment, (name, size, channels) in {
+        "repae_sdvae": ("SiT-XL/2", 32, 4),
+        "repae_invae": ("SiT-XL/1", 16, 32),
+    }.items():
         sit = compose_train(f"experiment={experiment}").model.sit
         assert (sit.name, sit.input_size, sit.in_channels) == (name, size, channels)
 
@@ -55,8 +57,9 @@ def submitit_launcher_installed() -> bool:
         return False
 
 
-@pytest.mark.skipif(not submitit_launcher_installed(),
-                    reason="hydra-submitit-launcher (the `slurm` extra) is not installed")
+@pytest.mark.skipif(
+    not submitit_launcher_installed(), reason="hydra-submitit-launcher (the `slurm` extra) is not installed"
+)
 def test_slurm_launcher_config_composes():
     cfg = compose_train("experiment=repae_sdvae", "trainer=slurm", "hydra/launcher=slurm")
     assert cfg.hydra.launcher.tasks_per_node == 8 and cfg.hydra.launcher.max_num_timeout == 20

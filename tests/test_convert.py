@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES
 from hydra.utils import instantiate
 from omegaconf import open_dict
 from safetensors.torch import load_file, save_file
@@ -32,6 +31,8 @@ from repae.convert import (
 from repae.module import REPAE, to_plain
 from repae.modules.vae import build_vae
 from repae.train import train
+
+from conftest import TINY_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL_STEPS = 7
@@ -211,7 +212,8 @@ def test_ldm_only_checkpoint_needs_and_takes_the_frozen_vae(tmp_path):
 def test_from_official_rejects_weights_that_do_not_fit_the_config(tmp_path):
     path, _ = make_official(tmp_path)
     with pytest.raises(
-        ValueError, match=r"\['model'\] does not fit the configured SiT: shape mismatches: pos_embed.*32 in total"
+        ValueError,
+        match=r"\['model'\] does not fit the configured SiT: shape mismatches: pos_embed.*32 in total",
     ):
         from_official(path, tmp_path / "x.ckpt", [*EXTRA_OVERRIDES, "model.sit.hidden_size=96"])
 

@@ -16,17 +16,33 @@ HELPER = Path(__file__).parent / "helpers" / "deterministic_run.py"
 # AdamW update is ~lr * gradient: a desynchronised gradient shows at full size, while float
 # rounding in the gradient all-reduce stays tiny (with eps=1e-8 Adam's normalisation turns any
 # rounding difference of a near-zero gradient into a +-lr step).
-OPTIMIZER = ["model.optimizer.adam_epsilon=1.0", "model.optimizer.learning_rate=0.5",
-             "model.optimizer.vae_learning_rate=0.5", "model.optimizer.disc_learning_rate=0.5"]
-COMMON = [*OPTIMIZER, "model.max_train_steps=2", "model.sit.class_dropout_prob=0.0", "model.loss.discriminator_start=1000",
-          "callbacks.image_grid=null", "callbacks.loss_curve=null", "callbacks.checkpoint=null"]
+OPTIMIZER = [
+    "model.optimizer.adam_epsilon=1.0",
+    "model.optimizer.learning_rate=0.5",
+    "model.optimizer.vae_learning_rate=0.5",
+    "model.optimizer.disc_learning_rate=0.5",
+]
+COMMON = [
+    *OPTIMIZER,
+    "model.max_train_steps=2",
+    "model.sit.class_dropout_prob=0.0",
+    "model.loss.discriminator_start=1000",
+    "callbacks.image_grid=null",
+    "callbacks.loss_curve=null",
+    "callbacks.checkpoint=null",
+]
 
 
 def run(run_dir: Path, *overrides: str) -> None:
     paths = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
-    result = subprocess.run([sys.executable, str(HELPER), str(run_dir), *COMMON, *overrides],
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(HELPER), str(run_dir), *COMMON, *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
 
 
@@ -55,7 +71,11 @@ def assert_same_training(tmp_path: Path) -> None:
     rank1 = torch.load(tmp_path / "ddp" / "weights_rank1.pt")
     assert rank0["train_step"] == rank1["train_step"] == single["train_step"] == 2
     for key, value in rank0.items():
-        if key.startswith("vae_loss.discriminator.") and not key.endswith("weight") and not key.endswith("bias"):
+        if (
+            key.startswith("vae_loss.discriminator.")
+            and not key.endswith("weight")
+            and not key.endswith("bias")
+        ):
             continue  # D's BN running stats: per-rank batches, broadcast from rank 0 (official behaviour)
         assert torch.equal(value, rank1[key]), f"{key} differs between ranks"
         if value.is_floating_point():

@@ -9,7 +9,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
@@ -26,6 +25,8 @@ from repae.evaluate import (
     precision_recall,
 )
 from repae.metrics import frechet_distance
+
+from conftest import CONF_DIR
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
 

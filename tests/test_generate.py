@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONF_DIR, compose_config
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
@@ -27,6 +26,8 @@ from repae.modules.samplers import euler_maruyama_sampler, generate_images
 from repae.modules.sit import build_sit
 from repae.modules.vae import build_vae
 from repae.train import train
+
+from conftest import CONF_DIR, compose_config
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, compose_config
 from PIL import Image
 
 from repae.datamodules.datamodule import ImageDataModule
@@ -28,6 +27,8 @@ from repae.module import REPAE
 from repae.modules.losses import VAERegularizationLoss
 from repae.modules.vae import AutoencoderKL
 from repae.train import input_error, train
+
+from conftest import TINY_OVERRIDES, compose_config
 
 RUNNER = Path(__file__).with_name("fault_runner.py")
 LOSSES = ("sit_loss", "vae_loss", "d_loss")

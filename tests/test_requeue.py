@@ -11,6 +11,7 @@ import torch
 from omegaconf import open_dict
 
 from repae.train import train
+
 from test_training import loss_trace
 
 

@@ -9,8 +9,17 @@ from repae.modules.sit import SIT_MODEL_NAMES, build_sit, interpolant, sincos_po
 
 
 def tiny_sit(**overrides):
-    kwargs = dict(input_size=8, in_channels=4, depth=4, hidden_size=64, num_heads=4, z_dims=[16],
-                  projector_dim=32, encoder_depth=2, num_classes=10)
+    kwargs = dict(
+        input_size=8,
+        in_channels=4,
+        depth=4,
+        hidden_size=64,
+        num_heads=4,
+        z_dims=[16],
+        projector_dim=32,
+        encoder_depth=2,
+        num_classes=10,
+    )
     return build_sit("SiT-S/2", **{**kwargs, **overrides})
 
 
@@ -83,8 +92,15 @@ def test_pos_embed_is_mae_sincos():
     emb = sincos_pos_embed_2d(8, 2)  # tokens (0,0), (0,1), (1,0), (1,1) in row-major order
     omega = 1.0 / 10000 ** (torch.arange(2) / 2)
     col, row = torch.tensor([0.0, 1, 0, 1]), torch.tensor([0.0, 0, 1, 1])
-    expected = torch.cat([(col[:, None] * omega).sin(), (col[:, None] * omega).cos(),
-                          (row[:, None] * omega).sin(), (row[:, None] * omega).cos()], dim=1)
+    expected = torch.cat(
+        [
+            (col[:, None] * omega).sin(),
+            (col[:, None] * omega).cos(),
+            (row[:, None] * omega).sin(),
+            (row[:, None] * omega).cos(),
+        ],
+        dim=1,
+    )
     torch.testing.assert_close(emb, expected)
 
 
@@ -142,7 +158,9 @@ def test_align_only_stops_after_encoder_depth():
 def test_frozen_align_pass_sends_gradient_to_latents_but_not_to_sit_parameters():
     model = tiny_sit().eval()
     z = torch.randn(2, 4, 8, 8, requires_grad=True)
-    out = call_with_frozen_parameters(model, z, torch.tensor([0, 1]), [torch.randn(2, 16, 16)], align_only=True)
+    out = call_with_frozen_parameters(
+        model, z, torch.tensor([0, 1]), [torch.randn(2, 16, 16)], align_only=True
+    )
     out["proj_loss"].backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())
@@ -181,7 +199,9 @@ def test_label_dropout_only_in_train_mode():
     model.y_embedder.eval()
     assert torch.equal(model.y_embedder(labels), model.y_embedder.embedding_table(labels))
     model.y_embedder.train()
-    dropped = (model.y_embedder(labels) == model.y_embedder.embedding_table.weight[10]).all(dim=1).float().mean()
+    dropped = (
+        (model.y_embedder(labels) == model.y_embedder.embedding_table.weight[10]).all(dim=1).float().mean()
+    )
     assert 0.45 < dropped < 0.55
 
 

@@ -17,7 +17,12 @@ def tiny_experiment(config_dir: Path, root_dir: Path) -> None:
     """An experiment file holding the tiny settings, so the command line holds just the sweep,
     as a user's would (the sweep directories are named by the command-line overrides)."""
     settings = [o for o in TINY_OVERRIDES if not o.startswith("experiment=")]
-    settings += ["callbacks.fid=null", "callbacks.image_grid=null", "model.max_train_steps=2", f"paths.root_dir={root_dir}"]
+    settings += [
+        "callbacks.fid=null",
+        "callbacks.image_grid=null",
+        "model.max_train_steps=2",
+        f"paths.root_dir={root_dir}",
+    ]
     body = OmegaConf.to_yaml(OmegaConf.from_dotlist([o for o in settings if not o.startswith("logger")]))
     (config_dir / "experiment").mkdir(parents=True)
     (config_dir / "experiment" / "tiny_demo.yaml").write_text(
@@ -28,12 +33,22 @@ def tiny_experiment(config_dir: Path, root_dir: Path) -> None:
 @pytest.mark.slow
 def test_multirun_gives_one_directory_per_value_and_a_summary_table(tmp_path):
     tiny_experiment(tmp_path / "conf", tmp_path)
-    command = [sys.executable, "-m", "repae.train", "-m", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-               "experiment=tiny_demo", "model.proj_coeff=0.25,1.0"]
+    command = [
+        sys.executable,
+        "-m",
+        "repae.train",
+        "-m",
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+        "experiment=tiny_demo",
+        "model.proj_coeff=0.25,1.0",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep_dir = tmp_path / "logs" / "train" / "demo-multirun"
-    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["model.proj_coeff=0.25", "model.proj_coeff=1.0"]
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == [
+        "model.proj_coeff=0.25",
+        "model.proj_coeff=1.0",
+    ]
     for point in ("model.proj_coeff=0.25", "model.proj_coeff=1.0"):
         assert (sweep_dir / point / "checkpoints" / "last.ckpt").is_file()
     with open(sweep_dir / "summary.csv") as f:

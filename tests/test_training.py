@@ -77,8 +77,14 @@ def test_sit_and_vae_passes_share_time_and_noise_and_differ_in_bn_mode(tiny_conf
 
     def recording_forward(self, *args, **kwargs):
         out = original_forward(self, *args, **kwargs)
-        calls.append({"training": self.training, "bn_training": self.bn.training,
-                      "label_dropout": self.y_embedder.training, **out})
+        calls.append(
+            {
+                "training": self.training,
+                "bn_training": self.bn.training,
+                "label_dropout": self.y_embedder.training,
+                **out,
+            }
+        )
         return out
 
     monkeypatch.setattr(SiT, "forward", recording_forward)
@@ -106,18 +112,40 @@ def test_training_logs_official_metric_names_and_stops_at_max_train_steps(tiny_c
     train(cfg)
     rows = logged_rows(Path(cfg.paths.output_dir))
     logged = {key for row in rows for key, value in row.items() if value}
-    expected = {"sit_loss", "denoising_loss", "proj_loss", "grad_norm_sit", "vae_loss", "reconstruction_loss",
-                "perceptual_loss", "kl_loss", "weighted_gan_loss", "discriminator_factor", "gan_loss", "d_weight",
-                "grad_norm_vae", "vae_align_loss", "d_loss", "grad_norm_disc", "logits_real", "logits_fake",
-                "lecam_loss", "epoch"}
+    expected = {
+        "sit_loss",
+        "denoising_loss",
+        "proj_loss",
+        "grad_norm_sit",
+        "vae_loss",
+        "reconstruction_loss",
+        "perceptual_loss",
+        "kl_loss",
+        "weighted_gan_loss",
+        "discriminator_factor",
+        "gan_loss",
+        "d_weight",
+        "grad_norm_vae",
+        "vae_align_loss",
+        "d_loss",
+        "grad_norm_disc",
+        "logits_real",
+        "logits_fake",
+        "lecam_loss",
+        "epoch",
+    }
     assert expected <= logged
     assert sorted(loss_trace(Path(cfg.paths.output_dir))) == [1, 2, 3]
     checkpoint = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["state_dict"]["train_step"] == 3
     assert len(checkpoint["optimizer_states"]) == 3
     assert not any(key.startswith(("encoders.", "vae_loss.perceptual.")) for key in checkpoint["state_dict"])
-    assert {"sit.bn.running_mean", "ema.bn.running_var", "vae.quant_conv.weight",
-            "vae_loss.discriminator.main.0.weight"} <= set(checkpoint["state_dict"])
+    assert {
+        "sit.bn.running_mean",
+        "ema.bn.running_var",
+        "vae.quant_conv.weight",
+        "vae_loss.discriminator.main.0.weight",
+    } <= set(checkpoint["state_dict"])
 
 
 def test_ema_follows_its_formula(tiny_config):
@@ -126,6 +154,7 @@ def test_ema_follows_its_formula(tiny_config):
     initial = {k: v.clone() for k, v in model.sit.state_dict().items()}
     assert all(torch.equal(initial[k], v) for k, v in model.ema.state_dict().items())
     from repae.train import instantiate_dict  # the same trainer set-up as the entry point
+
     trainer = instantiate(cfg.trainer, callbacks=instantiate_dict(cfg.callbacks), logger=False)
     trainer.fit(model, datamodule=instantiate(cfg.data))
     for key, ema_value in model.ema.state_dict().items():
@@ -151,12 +180,15 @@ def test_resume_continues_with_identical_losses(tiny_config, tmp_path):
 
 def test_ldm_only_leaves_the_vae_bit_identical(tiny_config, tmp_path):
     stats_path = tmp_path / "stats.pt"
-    torch.save({"latents_scale": torch.full((1, 4, 1, 1), 2.0), "latents_bias": torch.zeros(1, 4, 1, 1)}, stats_path)
+    torch.save(
+        {"latents_scale": torch.full((1, 4, 1, 1), 2.0), "latents_bias": torch.zeros(1, 4, 1, 1)}, stats_path
+    )
     cfg = tiny_config("model.mode=ldm_only", "model.loss=null", f"model.latents_stats_path={stats_path}")
     model = build(cfg)
     vae_before = {k: v.clone() for k, v in model.vae.state_dict().items()}
     bn_before = model.sit.bn.running_var.clone()
     from repae.train import instantiate_dict
+
     trainer = instantiate(cfg.trainer, callbacks=instantiate_dict(cfg.callbacks), logger=False)
     trainer.fit(model, datamodule=instantiate(cfg.data))
     assert model.step == 3 and len(trainer.optimizers) == 1
@@ -168,7 +200,9 @@ def test_ldm_only_leaves_the_vae_bit_identical(tiny_config, tmp_path):
 def test_ldm_only_reads_cached_latents_instead_of_encoding(tiny_config, tmp_path):
     stats_path = tmp_path / "stats.pt"
     torch.save({"latents_scale": torch.ones(1, 4, 1, 1), "latents_bias": torch.zeros(1, 4, 1, 1)}, stats_path)
-    model = build(tiny_config("model.mode=ldm_only", "model.loss=null", f"model.latents_stats_path={stats_path}"))
+    model = build(
+        tiny_config("model.mode=ldm_only", "model.loss=null", f"model.latents_stats_path={stats_path}")
+    )
     batch = a_batch()
     batch["latent"] = torch.cat([torch.full((4, 4, 8, 8), 3.0), torch.zeros(4, 4, 8, 8)], dim=1)  # std 0
     z = model._ldm_only_latents(batch, batch["image"])

@@ -20,7 +20,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     /tmp, a shared log directory) is a copy that can be interrupted halfway.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -58,9 +60,13 @@ class StepCheckpoint(ModelCheckpoint):
         candidates["step"] = torch.tensor(trainer.lightning_module.step)
         return candidates
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
+    ) -> None:
         final_step = pl_module.step >= pl_module.max_train_steps
-        if (pl_module.step % self.every_n_steps and not final_step) or self._should_skip_saving_checkpoint(trainer):
+        if (pl_module.step % self.every_n_steps and not final_step) or self._should_skip_saving_checkpoint(
+            trainer
+        ):
             return
         self.save(trainer)
 

@@ -214,7 +214,6 @@ class EfficientNetLite0Encoder(RepresentationEncoder):
 # Checkpoint reading and checking
 
 
-
 def _existing_file(path: str | Path | None, name: str, wanted: str) -> Path:
     if path is None:
         raise FileNotFoundError(

@@ -100,7 +100,9 @@ class TimestepEmbedder(nn.Module):
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
         """t [N] -> [N, dim], cos half first (as DiT/SiT)."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
         args = t[:, None].float() * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
@@ -171,8 +173,14 @@ class Mlp(nn.Module):
 class SiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning. x [N,T,D], c [N,D] -> [N,T,D]."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
-                 fused_attn: bool = True):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qk_norm: bool = False,
+        fused_attn: bool = True,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, fused_attn=fused_attn)
@@ -181,7 +189,9 @@ class SiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
+            6, dim=-1
+        )
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
@@ -278,7 +288,9 @@ class SiT(nn.Module):
         if weighting not in TIME_SAMPLINGS:
             raise ValueError(f"unknown weighting {weighting!r}; choose one of {TIME_SAMPLINGS}")
         if prediction != "v":
-            raise ValueError(f"only prediction='v' is supported (as in the official code), got {prediction!r}")
+            raise ValueError(
+                f"only prediction='v' is supported (as in the official code), got {prediction!r}"
+            )
         if not 1 <= encoder_depth <= depth:
             raise ValueError(f"encoder_depth must be in [1, depth={depth}], got {encoder_depth}")
         if input_size % patch_size:
@@ -295,14 +307,21 @@ class SiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         num_patches = (input_size // patch_size) ** 2
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=pos_embed_trainable)
-        self.blocks = nn.ModuleList(
-            SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, fused_attn=fused_attn) for _ in range(depth)
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, num_patches, hidden_size), requires_grad=pos_embed_trainable
         )
-        self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, z_dim) for z_dim in z_dims)
+        self.blocks = nn.ModuleList(
+            SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, fused_attn=fused_attn)
+            for _ in range(depth)
+        )
+        self.projectors = nn.ModuleList(
+            build_projector(hidden_size, projector_dim, z_dim) for z_dim in z_dims
+        )
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         # affine=False on purpose: a learned affine could shrink the latents and game the diffusion loss.
-        self.bn = GlobalBatchNorm2d(in_channels, eps=1e-4, momentum=bn_momentum, affine=False, track_running_stats=True)
+        self.bn = GlobalBatchNorm2d(
+            in_channels, eps=1e-4, momentum=bn_momentum, affine=False, track_running_stats=True
+        )
         self.initialize_weights()
 
     def initialize_weights(self) -> None:

@@ -42,8 +42,11 @@ class StateDictDiff:
         """e.g. "missing keys: a, b; shape mismatches: c: expected (2,), found (3,)"."""
         problems = [
             f"{kind}: {describe(items, limit)}"
-            for kind, items, limit in [("missing keys", self.missing, 5), ("unexpected keys", self.unexpected, 5),
-                                       ("shape mismatches", self.mismatched, 3)]
+            for kind, items, limit in [
+                ("missing keys", self.missing, 5),
+                ("unexpected keys", self.unexpected, 5),
+                ("shape mismatches", self.mismatched, 3),
+            ]
             if items
         ]
         return "; ".join(problems)

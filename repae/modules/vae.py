@@ -353,7 +353,6 @@ def build_vae(name: str, **overrides) -> AutoencoderKL:
     return AutoencoderKL(**{**VAE_CONFIGS[name], **overrides})
 
 
-
 def load_checked_state_dict(
     module: nn.Module,
     path: str | Path,

@@ -16,11 +16,11 @@ from omegaconf import open_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import compose_config  # noqa: E402
-
 from repae.modules.sit import SiT  # noqa: E402
 from repae.modules.vae import DiagonalGaussianDistribution  # noqa: E402
 from repae.train import train  # noqa: E402
+
+from conftest import compose_config  # noqa: E402
 
 original_forward = SiT.forward
 
@@ -47,6 +47,8 @@ if __name__ == "__main__":
     run_dir = Path(sys.argv[1])
     cfg = compose_config(run_dir, *sys.argv[2:])
     with open_dict(cfg):
-        cfg.callbacks.save_weights = {"_target_": "helpers.deterministic_run.SaveWeightsPerRank",
-                                      "directory": str(run_dir)}
+        cfg.callbacks.save_weights = {
+            "_target_": "helpers.deterministic_run.SaveWeightsPerRank",
+            "directory": str(run_dir),
+        }
     train(cfg)
