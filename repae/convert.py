@@ -111,6 +111,23 @@ def training_components(checkpoint: Mapping[str, Any]) -> dict[str, StateDict | 
     )
 
 
+def official_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """A repae Lightning checkpoint in the layout of the official ``train_repae.py`` /
+    ``train_ldm_only.py`` ones: ``model, ema, vae, discriminator, opt, opt_vae, opt_disc, steps``
+    (the last four of an LDM-only run only ``opt``), for the official ``generate.py`` and
+    ``save_vae_weights.py``. The optimizer states index repae's parameter lists: the SiT's leaves
+    out the frozen ``pos_embed`` the official optimizer holds, and the discriminator's holds no
+    LPIPS parameters, so they do not resume the official training script's optimizers."""
+    parts = training_components(checkpoint)
+    official: dict[str, Any] = {"model": parts["sit"], "ema": parts["ema"]}
+    optimizers = dict(zip(["opt", "opt_vae", "opt_disc"], checkpoint["optimizer_states"], strict=False))
+    if parts["vae"] is not None and len(optimizers) == 3:
+        official.update(vae=parts["vae"], discriminator=parts["discriminator"])
+    official.update(optimizers)
+    official["steps"] = int(checkpoint["state_dict"]["train_step"])
+    return official
+
+
 # --- extract-vae ------------------------------------------------------------------------------
 def latents_stats_from_bn(ema: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``{"latents_scale", "latents_bias"}`` [1, C, 1, 1] from the EMA SiT's BatchNorm buffers

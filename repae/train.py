@@ -10,13 +10,17 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import re
+import sys
 import zipfile
 from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
 import torch
-from hydra.errors import InstantiationException
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,6 +29,7 @@ from repae.module import to_plain
 from repae.sweep import FINAL_METRICS_FILE
 
 log = logging.getLogger(__name__)
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 # Errors that mean "the input is wrong", reported as one message instead of a traceback.
 INPUT_ERRORS = (FileNotFoundError, ValueError, CorruptSampleError, FloatingPointError)
@@ -147,5 +152,36 @@ def main(cfg: DictConfig) -> dict[str, float]:
         raise SystemExit(f"error: {message}") from None
 
 
+def check_override_keys(argv: list[str]) -> None:
+    """Exit with one line listing the valid keys when a command-line override names a key that
+    does not exist (Hydra names the key but not the alternatives). Multiruns are left to Hydra."""
+    if any(arg in ("-m", "--multirun") or arg.startswith("-") for arg in argv):
+        return
+    overrides = [arg for arg in argv if "=" in arg]
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            compose(config_name="train", overrides=overrides)
+    except ConfigCompositionException as error:
+        match = re.search(r"Could not override '([^']+)'", str(error))
+        if match is None or "not in struct" not in str(error.__cause__):
+            return  # Hydra's own message is clear for the other cases (unknown group option, syntax)
+        key = match.group(1)
+        kept = [arg for arg in overrides if arg.split("=", 1)[0].lstrip("+~") != key]
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=kept)
+        parent = key.rpartition(".")[0]
+        while parent and not isinstance(OmegaConf.select(cfg, parent), DictConfig):
+            parent = parent.rpartition(".")[0]
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        raise SystemExit(
+            f"error: unknown config key {key!r}; valid keys of {parent or 'the config'}: "
+            f"{', '.join(sorted(node.keys()))} (prefix a new key with + to add it)"
+        ) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
 if __name__ == "__main__":
+    check_override_keys(sys.argv[1:])
     main()

@@ -226,3 +226,15 @@ def test_image_size_that_does_not_fit_the_vae_and_sit_is_a_clear_error(tiny_conf
     with pytest.raises(ValueError, match=r"needs 32x32.*multiple of 4"):
         model.check_batch(torch.zeros(2, 3, 30, 30, dtype=torch.uint8))
     model.check_batch(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_official_format_checkpoint_on_request(tiny_config):
+    cfg = tiny_config("save_official_checkpoint=true", "model.max_train_steps=2")
+    train(cfg)
+    official = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "0000002.pt", weights_only=True)
+    assert set(official) == {"model", "ema", "vae", "discriminator", "opt", "opt_vae", "opt_disc", "steps"}
+    assert official["steps"] == 2
+    lightning = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert torch.equal(official["model"]["bn.running_var"], lightning["state_dict"]["sit.bn.running_var"])
+    assert torch.equal(official["vae"]["quant_conv.weight"], lightning["state_dict"]["vae.quant_conv.weight"])
+    assert official["opt_vae"]["state"].keys() == lightning["optimizer_states"][1]["state"].keys()

@@ -42,18 +42,20 @@ class StepCheckpoint(ModelCheckpoint):
 
     Lightning's ``every_n_train_steps`` counts optimizer steps, three per batch in end-to-end mode
     (Lightning issue #17958), so it would save at the wrong steps. ``{step}`` in ``filename`` is
-    the repae step too. ``last.ckpt`` is written with every save and after the final step.
+    the repae step too. ``last.ckpt`` is written with every save and after the final step; with
+    ``save_official`` an official-layout ``{step:07d}.pt`` is written too (``convert.official_checkpoint``).
 
     The final step is saved from ``on_train_batch_end``, not ``on_train_end``: by then Lightning
     has closed the epoch, and a run resumed from such a checkpoint (say, to train longer) would
     start a new epoch with a new data order instead of continuing the interrupted one.
     """
 
-    def __init__(self, every_n_steps: int, **kwargs: Any):
+    def __init__(self, every_n_steps: int, save_official: bool = False, **kwargs: Any):
         if every_n_steps <= 0:
             raise ValueError(f"every_n_steps must be positive, got {every_n_steps}")
         super().__init__(every_n_train_steps=0, every_n_epochs=0, save_on_train_epoch_end=False, **kwargs)
         self.every_n_steps = every_n_steps
+        self.save_official = save_official
 
     def _monitor_candidates(self, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
         candidates = super()._monitor_candidates(trainer)
@@ -75,6 +77,21 @@ class StepCheckpoint(ModelCheckpoint):
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
+        if self.save_official:
+            self._save_official(trainer)
+
+    def _save_official(self, trainer: pl.Trainer) -> None:
+        """Also write ``{step:07d}.pt`` in the official checkpoint layout (rank 0)."""
+        from repae.convert import official_checkpoint
+
+        checkpoint = {
+            "pytorch-lightning_version": pl.__version__,
+            "state_dict": trainer.lightning_module.state_dict(),
+            "optimizer_states": [optimizer.state_dict() for optimizer in trainer.optimizers],
+        }
+        if trainer.is_global_zero:
+            path = Path(self.dirpath) / f"{trainer.lightning_module.step:07d}.pt"
+            trainer.strategy.checkpoint_io.save_checkpoint(official_checkpoint(checkpoint), path)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Nothing: every checkpoint is written at a step boundary, with the epoch still open."""
