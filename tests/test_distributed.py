@@ -53,7 +53,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert_same_training(tmp_path)
 
 
-GPU = ["trainer.accelerator=gpu", "trainer.precision=32-true", "trainer.benchmark=false"]
+GPU = ["trainer.accelerator=gpu", "trainer.precision=32-true", "trainer.benchmark=false", "allow_tf32=false"]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
