@@ -15,14 +15,12 @@ there exactly once, optionally writes the latents-stats file, and deletes the pa
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import h5py
 import hydra
@@ -36,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from repae.datamodules.datasets import H5Images, h5_latent_key, write_h5_labels_and_listing
 from repae.modules.vae import AutoencoderKL, load_checked_state_dict
+from repae.preprocess import check_manifest
 
 log = logging.getLogger(__name__)
 
@@ -182,23 +181,6 @@ class LatentPartWriter(BasePredictionWriter):
         log.info("Wrote %d latents to %s", count, self.output_dir / f"{self.name}.h5")
 
 
-def _check_manifest(work_dir: Path, manifest: dict[str, Any]) -> None:
-    """Record this run's settings in ``work_dir``; refuse parts made from other images or another VAE."""
-    path = work_dir / "manifest.json"
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        if previous != manifest:
-            changed = sorted(key for key in manifest if previous.get(key) != manifest[key])
-            raise ValueError(
-                f"{work_dir} holds latents of an earlier run with different settings ({', '.join(changed)}). "
-                f"Re-run with the same settings to resume it, or delete {work_dir} to start over."
-            )
-        return
-    partial = work_dir / f"manifest.json.{os.getpid()}.tmp"
-    partial.write_text(json.dumps(manifest, indent=1))
-    os.replace(partial, path)
-
-
 def load_vae(cfg: DictConfig) -> AutoencoderKL:
     """The configured VAE with the weights of ``cfg.vae_weights_path`` (strict)."""
     if not cfg.vae_weights_path:
@@ -225,7 +207,7 @@ def cache_latents(cfg: DictConfig) -> None:
         return
     output_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
-    _check_manifest(work_dir, {
+    check_manifest(work_dir, {
         "images": str((Path(cfg.data_dir) / "images.h5").resolve()),
         "num_images": len(dataset),
         "vae": OmegaConf.to_container(cfg.vae, resolve=True),

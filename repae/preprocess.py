@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,19 +99,22 @@ def _write_shard_task(task: tuple[Path, int, range]) -> int:
     return write_shard(*task)
 
 
-def _check_manifest(work_dir: Path, manifest: dict[str, Any]) -> None:
-    """Record the settings of this run in ``work_dir``; refuse shards made with other settings."""
+def check_manifest(work_dir: Path, manifest: dict[str, Any]) -> None:
+    """Record the settings of a resumable run in ``work_dir``; refuse to resume work made with
+    other settings (other images, resolution or VAE). Shared by preprocessing and latent caching."""
     path = work_dir / "manifest.json"
     if path.is_file():
         previous = json.loads(path.read_text())
         if previous != manifest:
             changed = sorted(key for key in manifest if previous.get(key) != manifest[key])
             raise ValueError(
-                f"{work_dir} holds shards of an earlier run with different settings ({', '.join(changed)}). "
+                f"{work_dir} holds the work of an earlier run with different settings ({', '.join(changed)}). "
                 f"Re-run with the same settings to resume it, or delete {work_dir} to start over."
             )
-    else:
-        path.write_text(json.dumps(manifest, indent=1))
+        return
+    partial = work_dir / f"manifest.json.{os.getpid()}.tmp"
+    partial.write_text(json.dumps(manifest, indent=1))
+    os.replace(partial, path)
 
 
 def _shard_pngs(paths: list[Path]) -> Iterator[bytes]:
@@ -165,7 +169,7 @@ def preprocess(
         "shard_size": shard_size,
         "num_files": num_files,
     }
-    _check_manifest(parts, {**settings, "files_sha1": listing})
+    check_manifest(parts, {**settings, "files_sha1": listing})
     for stale in parts.glob("*.tmp"):  # shards whose writer was interrupted
         stale.unlink()
 
