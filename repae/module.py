@@ -158,10 +158,17 @@ class REPAE(pl.LightningModule):
         self.vae_loss = instantiate(to_plain(loss)) if mode == "e2e" else None
         if mode == "ldm_only":
             self.vae.requires_grad_(False).eval()
+        if self.vae.latent_channels != self.sit.in_channels:
+            raise ValueError(
+                f"model.sit.in_channels={self.sit.in_channels}, but the VAE makes {self.vae.latent_channels}-channel "
+                "latents: set model.sit.in_channels (and input_size) to match model.vae"
+            )
 
         # The step counter: one batch = one step, whatever Lightning's global_step does with three
-        # optimizers. Checkpointed as a buffer.
+        # optimizers. Checkpointed as a buffer; mirrored as a Python int so reading it never waits
+        # for the GPU.
         self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
+        self._step = 0
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long))
         self.consecutive_nonfinite = 0
         self.grad_scalers: list[torch.amp.GradScaler] | None = None
@@ -170,7 +177,7 @@ class REPAE(pl.LightningModule):
     # --- set-up -------------------------------------------------------------------------------
     @property
     def step(self) -> int:
-        return int(self.train_step)
+        return self._step
 
     @property
     def num_classes(self) -> int:
@@ -284,6 +291,7 @@ class REPAE(pl.LightningModule):
         if not self._step_if_finite(grad_norms):
             torch._foreach_copy_(self.step_buffers, buffers_before)
         self.train_step += 1
+        self._step += 1
         logs.update({f"grad_norm_{name}": norm for name, norm in grad_norms.items()})
         logs.update(
             step=float(self.step),
@@ -425,6 +433,7 @@ class REPAE(pl.LightningModule):
         own = self.state_dict()
         checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(prefixes)})
         check_state_dict_matches(checkpoint["state_dict"], own)
+        self._step = int(checkpoint["state_dict"]["train_step"])
         if self.grad_scalers and "grad_scalers" in checkpoint:
             for scaler, state in zip(self.grad_scalers, checkpoint["grad_scalers"], strict=True):
                 scaler.load_state_dict(state)

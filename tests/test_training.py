@@ -238,3 +238,8 @@ def test_official_format_checkpoint_on_request(tiny_config):
     assert torch.equal(official["model"]["bn.running_var"], lightning["state_dict"]["sit.bn.running_var"])
     assert torch.equal(official["vae"]["quant_conv.weight"], lightning["state_dict"]["vae.quant_conv.weight"])
     assert official["opt_vae"]["state"].keys() == lightning["optimizer_states"][1]["state"].keys()
+
+
+def test_vae_and_sit_with_different_latent_channels_is_a_clear_error(tiny_config):
+    with pytest.raises(Exception, match=r"model.sit.in_channels=8, but the VAE makes 4-channel latents"):
+        build(tiny_config("model.sit.in_channels=8"))
