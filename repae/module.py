@@ -225,16 +225,14 @@ class REPAE(pl.LightningModule):
     def parameter_groups(self) -> list[tuple[str, list[nn.Parameter], float]]:
         """(name, parameters, learning rate) per optimizer, in optimizer order."""
         config = self.optimizer_config
-        groups = [
-            ("sit", [p for p in self.sit.parameters() if p.requires_grad], config.get("learning_rate", 1e-4))
-        ]
+        groups = [("sit", [p for p in self.sit.parameters() if p.requires_grad], config["learning_rate"])]
         if self.mode == "e2e":
-            groups.append(("vae", list(self.vae.parameters()), config.get("vae_learning_rate", 1e-4)))
+            groups.append(("vae", list(self.vae.parameters()), config["vae_learning_rate"]))
             groups.append(
                 (
                     "disc",
                     list(self.vae_loss.discriminator.parameters()),
-                    config.get("disc_learning_rate", 1e-4),
+                    config["disc_learning_rate"],
                 )
             )
         return groups
@@ -245,9 +243,9 @@ class REPAE(pl.LightningModule):
             torch.optim.AdamW(
                 params,
                 lr=lr,
-                betas=(config.get("adam_beta1", 0.9), config.get("adam_beta2", 0.999)),
-                weight_decay=config.get("adam_weight_decay", 0.0),
-                eps=config.get("adam_epsilon", 1e-8),
+                betas=(config["adam_beta1"], config["adam_beta2"]),
+                weight_decay=config["adam_weight_decay"],
+                eps=config["adam_epsilon"],
                 foreach=config.get("foreach", None),
                 fused=config.get("fused", None),
             )
@@ -390,8 +388,6 @@ class REPAE(pl.LightningModule):
             update_ema(self.ema, self.sit, self.ema_decay)
             self.consecutive_nonfinite = 0
         else:
-            for optimizer, _, _ in optimizers.values():
-                optimizer.zero_grad(set_to_none=True)
             self.nonfinite_steps += 1
             self.consecutive_nonfinite += 1
             if self.consecutive_nonfinite >= self.max_consecutive_nonfinite:
@@ -400,7 +396,8 @@ class REPAE(pl.LightningModule):
                     f"(last at step {self.step + 1}); stopping. Resume from the last checkpoint, "
                     "e.g. with a lower learning rate or bf16 instead of 16-mixed precision."
                 )
-        for _, _, scaler in optimizers.values():
+        for optimizer, _, scaler in optimizers.values():
+            optimizer.zero_grad(set_to_none=True)  # free the gradients before the next step's passes
             if scaler:
                 scaler.update()
         return finite
@@ -440,6 +437,8 @@ class REPAE(pl.LightningModule):
         self.rng_states_to_restore = checkpoint.get("rng_states")
 
     def on_train_start(self) -> None:
+        if self.step >= self.max_train_steps:  # re-running a finished run: nothing to do
+            self.trainer.should_stop = True
         # After the per-rank reseeding, which would otherwise restart the random streams.
         states = self.rng_states_to_restore
         if states and len(states) == self.trainer.world_size:

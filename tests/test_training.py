@@ -243,3 +243,12 @@ def test_official_format_checkpoint_on_request(tiny_config):
 def test_vae_and_sit_with_different_latent_channels_is_a_clear_error(tiny_config):
     with pytest.raises(Exception, match=r"model.sit.in_channels=8, but the VAE makes 4-channel latents"):
         build(tiny_config("model.sit.in_channels=8"))
+
+
+def test_rerunning_a_finished_run_trains_no_further(tiny_config):
+    cfg = tiny_config("model.max_train_steps=2")
+    train(cfg)
+    train(cfg)  # same run directory: resumes from last.ckpt, already at max_train_steps
+    checkpoint = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["state_dict"]["train_step"] == 2
+    assert sorted(loss_trace(Path(cfg.paths.output_dir))) == [1, 2]

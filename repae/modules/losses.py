@@ -188,8 +188,9 @@ class VAERegularizationLoss(nn.Module):
             "perceptual_loss": perceptual_loss,
             "kl_loss": kl_loss,
             "weighted_gan_loss": weighted_gan_loss,
-            "discriminator_factor": torch.tensor(factor, device=inputs.device),
-            "d_weight": torch.tensor(self.discriminator_weight, device=inputs.device),
+            # new_full launches a fill kernel; torch.tensor(float, device=...) would wait for the GPU
+            "discriminator_factor": inputs.new_full((), factor),
+            "d_weight": inputs.new_full((), self.discriminator_weight),
             "gan_loss": gan_loss,
         }
         return total_loss, {name: value.detach().float() for name, value in logs.items()}

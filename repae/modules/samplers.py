@@ -205,9 +205,9 @@ def generate_images(
     arguments go to :func:`sample` (``num_steps``, ``cfg_scale``, ``generator``, ...).
     """
     sampler_kwargs.setdefault("null_class", sit.num_classes)
-    was_training = vae.training
-    vae.eval()
+    modes = sit.training, vae.training
+    sit.eval(), vae.eval()  # no label dropout; the decoder's behaviour is mode-free, but be safe
     latents = sample(sit, noise, labels, mode=mode, **sampler_kwargs)
     images = vae.decode(sit.denormalize_latents(latents.to(noise.dtype)))
-    vae.train(was_training)
+    sit.train(modes[0]), vae.train(modes[1])
     return torch.clamp(255.0 * (images.float() + 1) / 2, 0, 255).to(torch.uint8)

@@ -227,7 +227,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         channels = x.shape[1]
         with torch.no_grad():
             flat = x.detach().float().transpose(0, 1).reshape(channels, -1)
-            stats = torch.cat([flat.sum(dim=1), flat.square().sum(dim=1), flat.new_tensor([flat.shape[1]])])
+            stats = torch.cat([flat.sum(dim=1), flat.square().sum(dim=1), flat.new_full((1,), flat.shape[1])])
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(stats)
             count = stats[-1]

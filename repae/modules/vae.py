@@ -43,9 +43,11 @@ class DiagonalGaussianDistribution:
         return cls(torch.cat([mean, 2.0 * torch.log(std)], dim=1))
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        """Reparameterised sample ``mean + std * eps`` ([B, C, h, w]); gradients flow into mean and std."""
+        """Reparameterised sample ``mean + std * eps`` ([B, C, h, w]); gradients flow into mean and std.
+
+        The noise is float32 even under autocast, as the official code's."""
         noise = torch.randn(
-            self.mean.shape, device=self.mean.device, dtype=self.mean.dtype, generator=generator
+            self.mean.shape, device=self.mean.device, dtype=torch.float32, generator=generator
         )
         return self.mean + self.std * noise
 
