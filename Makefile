@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PINS)
-	$(PIP) install -q -e ".[dev,slurm]"
+	$(PIP) install -q -e ".[dev,slurm,diffusers]"
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install repae with its dev tools
