@@ -32,6 +32,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from repae.modules.ema import make_ema, update_ema
@@ -443,6 +444,12 @@ class REPAE(pl.LightningModule):
         states = self.rng_states_to_restore
         if states and len(states) == self.trainer.world_size:
             set_rng_state(states[self.global_rank])
+        elif states:
+            rank_zero_warn(
+                f"the checkpoint holds the RNG states of {len(states)} processes, this run has "
+                f"{self.trainer.world_size}: random streams restart from the seed, so the run continues "
+                "correctly but not bit-identically to an uninterrupted one"
+            )
         self.rng_states_to_restore = None
 
     # --- sampling -----------------------------------------------------------------------------
