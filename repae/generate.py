@@ -380,6 +380,9 @@ def generate(cfg: DictConfig, model: SamplingModel | None = None) -> Path:
         torch.backends.cudnn.allow_tf32 = True
     if model is None:
         model = load_sampling_model(cfg.ckpt_path, use_ema=cfg.use_ema, vae_weights_path=cfg.vae_weights_path)
+    if cfg.compile:  # the samplers call sit.inference; decoding runs the VAE's decoder
+        model.sit.inference = torch.compile(model.sit.inference)
+        model.vae.decoder.compile()
     labels = sample_labels(cfg.num_samples, model.num_classes, cfg.label_sampling, cfg.global_seed)
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     module = GenerationModule(model, labels, cfg.global_seed, sampler)
