@@ -39,6 +39,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from repae.module import to_plain
+from repae.modules.sit import latents_stats_from_bn
 from repae.modules.state_dict import StateDictDiff
 from repae.modules.vae import VAE_CONFIGS, AutoencoderKL, build_vae
 
@@ -129,15 +130,6 @@ def official_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # --- extract-vae ------------------------------------------------------------------------------
-def latents_stats_from_bn(ema: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``{"latents_scale", "latents_bias"}`` [1, C, 1, 1] from the EMA SiT's BatchNorm buffers
-    (``scale = rsqrt(running_var)``, ``bias = running_mean``), as ``save_vae_weights.py`` and
-    ``SiT.extract_latents_stats``."""
-    mean, var = ema["bn.running_mean"], ema["bn.running_var"]
-    shape = (1, mean.numel(), 1, 1)
-    return {"latents_scale": var.rsqrt().reshape(shape).clone(), "latents_bias": mean.reshape(shape).clone()}
-
-
 def extract_vae(checkpoint_path: str | Path, name: str, save_dir: str | Path = "exps") -> dict[str, Path]:
     """Write ``{save_dir}/{name}/{name}.pt`` (VAE), ``{name}-latents-stats.pt`` (from the EMA SiT's BN)
     and, if the checkpoint has one, ``{name}-discriminator-ckpt.pt``.
@@ -155,7 +147,10 @@ def extract_vae(checkpoint_path: str | Path, name: str, save_dir: str | Path = "
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"vae": out_dir / f"{name}.pt", "latents_stats": out_dir / f"{name}-latents-stats.pt"}
     torch.save(parts["vae"], files["vae"])
-    torch.save(latents_stats_from_bn(parts["ema"]), files["latents_stats"])
+    torch.save(
+        latents_stats_from_bn(parts["ema"]["bn.running_mean"], parts["ema"]["bn.running_var"]),
+        files["latents_stats"],
+    )
     if parts["discriminator"] is not None:
         files["discriminator"] = out_dir / f"{name}-discriminator-ckpt.pt"
         torch.save(parts["discriminator"], files["discriminator"])

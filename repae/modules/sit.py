@@ -29,6 +29,15 @@ PATH_TYPES = ("linear", "cosine")
 TIME_SAMPLINGS = ("uniform", "lognormal")
 
 
+def latents_stats_from_bn(running_mean: torch.Tensor, running_var: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The ``-latents-stats.pt`` content of BN buffers [C]: scale = rsqrt(var), bias = mean, [1,C,1,1]."""
+    shape = (1, running_mean.numel(), 1, 1)
+    return {
+        "latents_scale": running_var.rsqrt().reshape(shape).clone(),
+        "latents_bias": running_mean.reshape(shape).clone(),
+    }
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation. x [N,T,D]; shift, scale [N,D]."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -359,11 +368,7 @@ class SiT(nn.Module):
     @torch.no_grad()
     def extract_latents_stats(self) -> dict[str, torch.Tensor]:
         """The inverse of ``init_bn``: ``{"latents_scale", "latents_bias"}`` as [1,C,1,1]."""
-        shape = (1, self.in_channels, 1, 1)
-        return {
-            "latents_scale": self.bn.running_var.rsqrt().reshape(shape).clone(),
-            "latents_bias": self.bn.running_mean.reshape(shape).clone(),
-        }
+        return latents_stats_from_bn(self.bn.running_mean, self.bn.running_var)
 
     def denormalize_latents(self, x: torch.Tensor) -> torch.Tensor:
         """Sampler space -> VAE latents: x / scale + bias, without BN's eps (as the official decode)."""
