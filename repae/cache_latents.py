@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from repae.datamodules.datasets import H5Images, h5_latent_key, write_h5_labels_and_listing
-from repae.modules.vae import AutoencoderKL, load_checked_state_dict
+from repae.modules.vae import AutoencoderKL, images_to_vae_input, load_checked_state_dict
 from repae.preprocess import check_manifest
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class LatentEncoder(pl.LightningModule):
         self.vae = vae.eval().requires_grad_(False)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        posterior = self.vae.encode(batch["image"].float() / 127.5 - 1)
+        posterior = self.vae.encode(images_to_vae_input(batch["image"]))
         return {"index": batch["index"], "latents": torch.cat([posterior.mean, posterior.std], dim=1).float()}
 
 

@@ -40,7 +40,7 @@ from repae.modules.encoders import build_encoders
 from repae.modules.losses import call_with_frozen_parameters
 from repae.modules.samplers import generate_images
 from repae.modules.state_dict import StateDictDiff
-from repae.modules.vae import DiagonalGaussianDistribution, load_vae_weights
+from repae.modules.vae import DiagonalGaussianDistribution, images_to_vae_input, load_vae_weights
 
 MODES = ("e2e", "ldm_only")
 
@@ -311,7 +311,7 @@ class REPAE(pl.LightningModule):
     ) -> dict[str, torch.Tensor]:
         """The three losses of an end-to-end step, each handed to ``backward(name, loss)`` as soon as
         it is formed, so only one pass's activations are alive at a time. Returns the logs."""
-        x = images.float() / 127.5 - 1
+        x = images_to_vae_input(images)
         self.vae.train()
         posterior, z, recon = self.vae(x)
         reg_loss, reg_logs = self.vae_loss(x, recon, posterior, self.step, mode="generator")
@@ -345,7 +345,7 @@ class REPAE(pl.LightningModule):
         with torch.no_grad():
             if "latent" in batch:
                 return DiagonalGaussianDistribution.from_mean_std(batch["latent"].float()).sample()
-            return self.vae.encode(images.float() / 127.5 - 1).sample()
+            return self.vae.encode(images_to_vae_input(images)).sample()
 
     def _ldm_only_losses(self, batch, images, labels, zs, backward) -> dict[str, torch.Tensor]:
         z = self._ldm_only_latents(batch, images)

