@@ -112,7 +112,7 @@ class SamplingModel(nn.Module):
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        return (self.sit.in_channels, self.sit.input_size, self.sit.input_size)
+        return self.sit.latent_shape
 
     def generate(self, labels: torch.Tensor, noise: torch.Tensor, **sampler_kwargs) -> torch.Tensor:
         """``labels`` int64 [B], ``noise`` [B, C, h, w] -> uint8 images [B, 3, H, W]."""

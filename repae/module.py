@@ -186,7 +186,7 @@ class REPAE(pl.LightningModule):
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        return (self.sit.in_channels, self.sit.input_size, self.sit.input_size)
+        return self.sit.latent_shape
 
     @property
     def token_grid(self) -> int:

@@ -358,6 +358,11 @@ class SiT(nn.Module):
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
     # --- latent statistics -------------------------------------------------------------------
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the latents the SiT models."""
+        return (self.in_channels, self.input_size, self.input_size)
+
     @torch.no_grad()
     def init_bn(self, latents_scale: torch.Tensor, latents_bias: torch.Tensor) -> None:
         """Set BN running stats from a ``-latents-stats.pt`` file: mean = bias, var = (1/scale)^2.
