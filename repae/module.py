@@ -34,6 +34,7 @@ import torch.nn as nn
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.tensor import DTensor
 
 from repae.modules.ema import make_ema, update_ema
 from repae.modules.encoders import build_encoders
@@ -90,6 +91,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` that also takes FSDP-sharded parameters: their norm is
+    assembled from every rank's shard, so all ranks clip alike and agree on finiteness."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 class REPAE(pl.LightningModule):
@@ -375,7 +386,7 @@ class REPAE(pl.LightningModule):
         self.manual_backward(scaler.scale(loss) if scaler else loss)
         if scaler:
             scaler.unscale_(optimizer.optimizer)
-        grad_norms[name] = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        grad_norms[name] = clip_grad_norm_(params, self.max_grad_norm)
 
     def _step_if_finite(self, grad_norms: dict[str, torch.Tensor]) -> bool:
         """Step every optimizer and the EMA if all gradient norms are finite; otherwise skip all of

@@ -33,11 +33,11 @@ COMMON = [
 ]
 
 
-def run(run_dir: Path, *overrides: str) -> None:
+def run(run_dir: Path, *overrides: str, common: list[str] = COMMON) -> None:
     paths = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
     result = subprocess.run(
-        [sys.executable, str(HELPER), str(run_dir), *COMMON, *overrides],
+        [sys.executable, str(HELPER), str(run_dir), *common, *overrides],
         env=env,
         capture_output=True,
         text=True,
@@ -47,19 +47,50 @@ def run(run_dir: Path, *overrides: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("trainer", ["ddp_cpu", "fsdp_cpu"])
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, trainer):
     run(tmp_path / "single", "data.batch_size=4")
-    run(tmp_path / "ddp", "data.batch_size=4", "trainer=ddp_cpu")
+    run(tmp_path / "ddp", "data.batch_size=4", f"trainer={trainer}")
     assert_same_training(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_sharded_run_saves_full_checkpoints_and_resumes_exactly(tmp_path):
+    """trainer=fsdp writes the same single-file checkpoint as one process (full tensors, optimizer
+    states indexed per optimizer), and a run resumed from it continues as if never stopped."""
+    with_checkpoints = [o for o in COMMON if o != "callbacks.checkpoint=null"]
+    with_checkpoints += ["callbacks.checkpoint.every_n_steps=1", "data.batch_size=4"]
+    run(tmp_path / "single", common=with_checkpoints)
+    run(tmp_path / "resumed", "trainer=fsdp_cpu", common=with_checkpoints)
+    single = torch.load(tmp_path / "single" / "checkpoints" / "last.ckpt", weights_only=True)
+    sharded = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert sharded["state_dict"].keys() == single["state_dict"].keys()
+    weights = torch.load(tmp_path / "resumed" / "weights_rank0.pt")
+    for key, value in sharded["state_dict"].items():
+        assert torch.equal(value, weights[key]), f"{key} in the checkpoint is not the trained tensor"
+    for sharded_optimizer, single_optimizer in zip(sharded["optimizer_states"], single["optimizer_states"], strict=True):
+        assert sharded_optimizer["param_groups"] == single_optimizer["param_groups"]
+        for index, state in single_optimizer["state"].items():
+            assert state["exp_avg"].shape == sharded_optimizer["state"][index]["exp_avg"].shape
+
+    longer = ["model.max_train_steps=3"]
+    run(tmp_path / "resumed", "trainer=fsdp_cpu", *longer, common=with_checkpoints)
+    run(tmp_path / "uninterrupted", "trainer=fsdp_cpu", *longer, common=with_checkpoints)
+    resumed = torch.load(tmp_path / "resumed" / "weights_rank0.pt")
+    uninterrupted = torch.load(tmp_path / "uninterrupted" / "weights_rank0.pt")
+    assert (tmp_path / "resumed" / "steps_rank0.txt").read_text() == "3", "the run did not resume at step 3"
+    for key, value in uninterrupted.items():
+        assert torch.equal(resumed[key], value), f"{key} differs after resuming"
 
 
 GPU = ["trainer.accelerator=gpu", "trainer.precision=32-true", "trainer.benchmark=false", "allow_tf32=false"]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_two_nccl_gpus_match_one_gpu_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("trainer", ["ddp", "fsdp"])
+def test_two_nccl_gpus_match_one_gpu_with_the_same_global_batch(tmp_path, trainer):
     run(tmp_path / "single", "data.batch_size=4", *GPU, "trainer.devices=1")
-    run(tmp_path / "ddp", "data.batch_size=4", "trainer=ddp", *GPU, "trainer.devices=2")
+    run(tmp_path / "ddp", "data.batch_size=4", f"trainer={trainer}", *GPU, "trainer.devices=2")
     assert_same_training(tmp_path)
 
 

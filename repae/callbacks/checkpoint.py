@@ -84,10 +84,11 @@ class StepCheckpoint(ModelCheckpoint):
         """Also write ``{step:07d}.pt`` in the official checkpoint layout (rank 0)."""
         from repae.convert import official_checkpoint
 
+        # Through the strategy, which assembles sharded (trainer=fsdp) weights on rank 0.
         checkpoint = {
             "pytorch-lightning_version": pl.__version__,
-            "state_dict": trainer.lightning_module.state_dict(),
-            "optimizer_states": [optimizer.state_dict() for optimizer in trainer.optimizers],
+            "state_dict": trainer.strategy.lightning_module_state_dict(),
+            "optimizer_states": [trainer.strategy.optimizer_state(optimizer) for optimizer in trainer.optimizers],
         }
         if trainer.is_global_zero:
             path = Path(self.dirpath) / f"{trainer.lightning_module.step:07d}.pt"

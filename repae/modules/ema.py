@@ -6,6 +6,7 @@ import copy
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 
 def make_ema(model: nn.Module) -> nn.Module:
@@ -13,6 +14,12 @@ def make_ema(model: nn.Module) -> nn.Module:
     ema = copy.deepcopy(model).eval()
     ema.requires_grad_(False)
     return ema
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of an FSDP-sharded tensor (the EMA and the model are sharded alike); a
+    plain tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 @torch.no_grad()
@@ -32,8 +39,8 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     ):
         assert name == model_name, f"EMA and model differ: {name} vs {model_name}"
         if ema_t.is_floating_point():
-            ema_tensors.append(ema_t)
-            model_tensors.append(model_t.detach().to(ema_t.dtype))
+            ema_tensors.append(local_shard(ema_t))
+            model_tensors.append(local_shard(model_t.detach()).to(ema_t.dtype))
         else:
             ema_t.copy_(model_t)
     if decay == 0:

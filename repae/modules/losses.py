@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 LOSS_MODES = ("generator", "discriminator")
@@ -41,7 +42,13 @@ def call_with_frozen_parameters(module: nn.Module, *args: Any, **kwargs: Any) ->
     Replaces the official code's toggling of `requires_grad`, which forces torch.compile recompiles
     and clashes with DDP. Buffers are passed as the module's own tensors, so a module in train mode
     still updates them (e.g. BatchNorm running statistics).
+
+    An FSDP-sharded module gathers its own parameters inside its forward, so it cannot take
+    substitutes: it is called as it is, and the caller must discard the parameter gradients this
+    call produces (REPAE zeroes each optimizer's gradients before that optimizer's own backward).
     """
+    if isinstance(module, FSDPModule):
+        return module(*args, **kwargs)
     parameters_and_buffers = {name: p.detach() for name, p in module.named_parameters()}
     parameters_and_buffers.update(module.named_buffers())
     return torch.func.functional_call(module, parameters_and_buffers, args, kwargs)

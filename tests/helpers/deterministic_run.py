@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from omegaconf import open_dict
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -32,13 +33,28 @@ def per_sample_forward(self, x, y, zs=None, align_only=False, time_input=None, n
     return original_forward(self, x, y, zs, align_only=align_only, time_input=time_input, noises=noises)
 
 
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, also of an FSDP-sharded parameter (gathered from all ranks)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 class SaveWeightsPerRank(pl.Callback):
+    """Writes weights_rank{R}.pt (every tensor, whole) and steps_rank{R}.txt (the steps this process
+    trained, so a test can tell a resumed run from one that started afresh)."""
+
     def __init__(self, directory: str):
         self.directory = Path(directory)
+        self.steps_trained = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps_trained.append(pl_module.step)
 
     def on_train_end(self, trainer, pl_module):
-        state = {key: value.detach().cpu().clone() for key, value in pl_module.state_dict().items()}
+        state = {key: full(value).detach().cpu().clone() for key, value in pl_module.state_dict().items()}
         torch.save(state, self.directory / f"weights_rank{trainer.global_rank}.pt")
+        (self.directory / f"steps_rank{trainer.global_rank}.txt").write_text(
+            " ".join(map(str, self.steps_trained))
+        )
 
 
 if __name__ == "__main__":

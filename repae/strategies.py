@@ -1,0 +1,134 @@
+"""``trainer=fsdp``: the SiT and its EMA sharded with FSDP2, everything else data-parallel.
+
+The SiT (with its EMA and AdamW states) is the largest state in REPA-E and the one that grows
+when users scale it; the VAE, the discriminator and the frozen encoders are small. So this
+strategy is Lightning's DDP strategy with one change: before DDP wraps the LightningModule, the
+submodules named in ``sharded_modules`` are sharded with ``torch.distributed.fsdp.fully_shard``
+(each element of their ``blocks`` list its own unit, all-gathered just before it runs and freed
+after; the rest of the module one more unit) and DDP is told to ignore their parameters and
+buffers. FSDP reduce-scatters (averages) the SiT's gradients; DDP all-reduces the VAE's and the
+discriminator's, exactly as with ``trainer=ddp``.
+
+Checkpoints are the same single files as with DDP or one device (full tensors gathered on rank 0,
+optimizer states in ``torch.optim.Optimizer.state_dict`` layout), so a run can resume on another
+number of GPUs or another strategy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.strategies import DDPStrategy
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+FULL_ON_RANK_ZERO = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def shard_module(module: nn.Module, mesh: Any, reshard_after_forward: bool = True) -> None:
+    """FSDP2-shard ``module`` in place: one unit per element of ``module.blocks``, then the rest."""
+    for block in getattr(module, "blocks", []):
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+
+
+class ShardedSiTStrategy(DDPStrategy):
+    """DDP with the submodules ``sharded_modules`` of the LightningModule sharded by FSDP2.
+
+    Args:
+        sharded_modules: attribute names of the LightningModule to shard (default: the SiT and its EMA,
+            which must be sharded alike so the EMA update is a shard-by-shard lerp).
+        reshard_after_forward: free each unit's gathered parameters after its forward (ZeRO-3-like,
+            least memory); False keeps them until the backward (ZeRO-2-like, one all-gather less).
+        **ddp_kwargs: ``DDPStrategy`` arguments for the replicated rest (``find_unused_parameters``,
+            ``process_group_backend``, ...).
+    """
+
+    def __init__(
+        self,
+        sharded_modules: Sequence[str] = ("sit", "ema"),
+        reshard_after_forward: bool = True,
+        **ddp_kwargs: Any,
+    ):
+        super().__init__(**ddp_kwargs)
+        self.sharded_modules = tuple(sharded_modules)
+        self.reshard_after_forward = reshard_after_forward
+
+    def configure_ddp(self) -> None:
+        module = self.lightning_module
+        if getattr(self.precision_plugin, "precision", None) == "16-mixed":
+            raise ValueError(
+                "trainer=fsdp supports trainer.precision=bf16-mixed or 32-true, not 16-mixed: the loss "
+                "scalers would decide to skip steps from each rank's own gradient shard"
+            )
+        missing = [name for name in self.sharded_modules if not isinstance(getattr(module, name, None), nn.Module)]
+        if missing:
+            raise ValueError(f"trainer.strategy.sharded_modules names no submodule of the model: {missing}")
+        mesh = init_device_mesh(self.root_device.type, (self.world_size,))
+        for name in self.sharded_modules:
+            shard_module(getattr(module, name), mesh, self.reshard_after_forward)
+        prefixes = tuple(f"{name}." for name in self.sharded_modules)
+        sharded = [
+            name for name, _ in [*module.named_parameters(), *module.named_buffers()] if name.startswith(prefixes)
+        ]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, sharded)
+        if any(p.requires_grad for name, p in module.named_parameters() if not name.startswith(prefixes)):
+            super().configure_ddp()
+        # else (LDM-only: the SiT is all that trains) there is nothing left for DDP to synchronise.
+
+    # --- checkpoints: full tensors on rank 0, in the layout every other strategy writes ---------
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.lightning_module, options=FULL_ON_RANK_ZERO)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        optimizer = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        state = get_optimizer_state_dict(self.lightning_module, optimizer, options=FULL_ON_RANK_ZERO)
+        return _names_to_indices(state) if self.is_global_zero else {}
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
+            names = _parameter_names(self.lightning_module, optimizer)
+            set_optimizer_state_dict(
+                self.lightning_module,
+                optimizer,
+                optim_state_dict=_indices_to_names(state, names),
+                options=StateDictOptions(full_state_dict=True),
+            )
+
+
+def _names_to_indices(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``get_optimizer_state_dict``'s parameter-name keys -> ``Optimizer.state_dict``'s running indices."""
+    index = {}
+    groups = []
+    for group in state["param_groups"]:
+        params = []
+        for name in group["params"]:
+            index[name] = len(index)
+            params.append(index[name])
+        groups.append({**group, "params": params})
+    return {"state": {index[name]: value for name, value in state["state"].items()}, "param_groups": groups}
+
+
+def _indices_to_names(state: Mapping[str, Any], names: list[list[str]]) -> dict[str, Any]:
+    """The inverse of ``_names_to_indices`` for an optimizer whose groups hold parameters ``names``."""
+    flat = [name for group in names for name in group]
+    if len(state["param_groups"]) != len(names) or sum(len(g["params"]) for g in state["param_groups"]) != len(flat):
+        raise ValueError("the checkpoint's optimizer state does not match the model's parameters")
+    groups = [{**group, "params": group_names} for group, group_names in zip(state["param_groups"], names, strict=True)]
+    return {"state": {flat[index]: value for index, value in state["state"].items()}, "param_groups": groups}
+
+
+def _parameter_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    names = {param: name for name, param in module.named_parameters()}
+    return [[names[param] for param in group["params"]] for group in optimizer.param_groups]
