@@ -16,6 +16,7 @@ number of GPUs or another strategy.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn as nn
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -30,10 +32,18 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel
 
 FULL_ON_RANK_ZERO = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# FSDP warns each time the SiT returns a view (its projector outputs are): an in-place change of
+# one would skip FSDP's backward hook. Nothing changes the SiT's outputs in place.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w+\) returned a view tensor")
+
+
+# Entry points besides ``forward`` that run the module (the samplers call ``SiT.inference``); FSDP
+# must gather the parameters for them too.
+FORWARD_METHODS = ("inference",)
 
 
 def shard_module(module: nn.Module, mesh: Any, reshard_after_forward: bool = True) -> None:
@@ -41,6 +51,9 @@ def shard_module(module: nn.Module, mesh: Any, reshard_after_forward: bool = Tru
     for block in getattr(module, "blocks", []):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    for method in FORWARD_METHODS:
+        if hasattr(module, method):
+            register_fsdp_forward_method(module, method)
 
 
 class ShardedSiTStrategy(DDPStrategy):
@@ -72,15 +85,21 @@ class ShardedSiTStrategy(DDPStrategy):
                 "trainer=fsdp supports trainer.precision=bf16-mixed or 32-true, not 16-mixed: the loss "
                 "scalers would decide to skip steps from each rank's own gradient shard"
             )
-        missing = [name for name in self.sharded_modules if not isinstance(getattr(module, name, None), nn.Module)]
+        missing = [
+            name for name in self.sharded_modules if not isinstance(getattr(module, name, None), nn.Module)
+        ]
         if missing:
             raise ValueError(f"trainer.strategy.sharded_modules names no submodule of the model: {missing}")
+        if getattr(module, "compile_models", False):
+            rank_zero_warn("model.compile=true with trainer=fsdp has not been verified (docs/distributed.md)")
         mesh = init_device_mesh(self.root_device.type, (self.world_size,))
         for name in self.sharded_modules:
             shard_module(getattr(module, name), mesh, self.reshard_after_forward)
         prefixes = tuple(f"{name}." for name in self.sharded_modules)
         sharded = [
-            name for name, _ in [*module.named_parameters(), *module.named_buffers()] if name.startswith(prefixes)
+            name
+            for name, _ in [*module.named_parameters(), *module.named_buffers()]
+            if name.startswith(prefixes)
         ]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, sharded)
         if any(p.requires_grad for name, p in module.named_parameters() if not name.startswith(prefixes)):
@@ -123,9 +142,14 @@ def _names_to_indices(state: Mapping[str, Any]) -> dict[str, Any]:
 def _indices_to_names(state: Mapping[str, Any], names: list[list[str]]) -> dict[str, Any]:
     """The inverse of ``_names_to_indices`` for an optimizer whose groups hold parameters ``names``."""
     flat = [name for group in names for name in group]
-    if len(state["param_groups"]) != len(names) or sum(len(g["params"]) for g in state["param_groups"]) != len(flat):
+    if len(state["param_groups"]) != len(names) or sum(
+        len(g["params"]) for g in state["param_groups"]
+    ) != len(flat):
         raise ValueError("the checkpoint's optimizer state does not match the model's parameters")
-    groups = [{**group, "params": group_names} for group, group_names in zip(state["param_groups"], names, strict=True)]
+    groups = [
+        {**group, "params": group_names}
+        for group, group_names in zip(state["param_groups"], names, strict=True)
+    ]
     return {"state": {flat[index]: value for index, value in state["state"].items()}, "param_groups": groups}
 
 

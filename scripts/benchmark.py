@@ -138,7 +138,7 @@ def main() -> None:
         default=None,
         help="profile the last two steps; write the CUDA kernel table here",
     )
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # Hydra overrides may come before or after the options
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=[*RANDOM_WEIGHTS, *args.overrides])

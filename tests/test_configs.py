@@ -50,6 +50,19 @@ def test_slurm_trainer_takes_ranks_from_slurm_without_lightning_requeue():
     assert cfg.trainer.strategy.find_unused_parameters is True
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [["trainer=fsdp"], ["trainer=slurm", "trainer.strategy._target_=repae.strategies.ShardedSiTStrategy"]],
+)
+def test_fsdp_trainer_shards_the_sit_and_its_ema_and_keeps_ddp_for_the_rest(overrides):
+    from repae.strategies import ShardedSiTStrategy
+
+    strategy = instantiate(compose_train("experiment=repae_sdvae", *overrides).trainer.strategy)
+    assert isinstance(strategy, ShardedSiTStrategy)
+    assert strategy.sharded_modules == ("sit", "ema")
+    assert strategy._ddp_kwargs["find_unused_parameters"] is True
+
+
 def submitit_launcher_installed() -> bool:
     try:
         return importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None

@@ -68,7 +68,9 @@ def test_a_sharded_run_saves_full_checkpoints_and_resumes_exactly(tmp_path):
     weights = torch.load(tmp_path / "resumed" / "weights_rank0.pt")
     for key, value in sharded["state_dict"].items():
         assert torch.equal(value, weights[key]), f"{key} in the checkpoint is not the trained tensor"
-    for sharded_optimizer, single_optimizer in zip(sharded["optimizer_states"], single["optimizer_states"], strict=True):
+    for sharded_optimizer, single_optimizer in zip(
+        sharded["optimizer_states"], single["optimizer_states"], strict=True
+    ):
         assert sharded_optimizer["param_groups"] == single_optimizer["param_groups"]
         for index, state in single_optimizer["state"].items():
             assert state["exp_avg"].shape == sharded_optimizer["state"][index]["exp_avg"].shape

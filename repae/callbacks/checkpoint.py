@@ -88,7 +88,9 @@ class StepCheckpoint(ModelCheckpoint):
         checkpoint = {
             "pytorch-lightning_version": pl.__version__,
             "state_dict": trainer.strategy.lightning_module_state_dict(),
-            "optimizer_states": [trainer.strategy.optimizer_state(optimizer) for optimizer in trainer.optimizers],
+            "optimizer_states": [
+                trainer.strategy.optimizer_state(optimizer) for optimizer in trainer.optimizers
+            ],
         }
         if trainer.is_global_zero:
             path = Path(self.dirpath) / f"{trainer.lightning_module.step:07d}.pt"

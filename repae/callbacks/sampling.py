@@ -287,10 +287,17 @@ class DistributionMetricCallback(Callback):
         kwargs = _with_generator(self.sampler_kwargs, rank_seed, device)
         statistics = FeatureStatistics(extractor.num_features, device=device)
         labels = self.labels_for_rank(pl_module.num_classes, trainer.world_size, trainer.global_rank)
-        for batch_labels in labels.split(self.batch_size):
+        batches = labels.split(self.batch_size)
+        # Ranks' shares differ by one image at most, but every rank must run as many model passes as
+        # the others: with a sharded EMA (trainer=fsdp) each pass is a collective. A rank short of a
+        # batch samples one throw-away image.
+        most_batches = math.ceil(math.ceil(self.num_samples / trainer.world_size) / self.batch_size)
+        for index in range(most_batches):
+            batch_labels = batches[index] if index < len(batches) else torch.zeros(1, dtype=torch.long)
             noise = torch.randn(len(batch_labels), *pl_module.latent_shape, generator=noise_generator)
             images = pl_module.generate(batch_labels.to(device), noise.to(device), **kwargs)
-            statistics.update(extractor(images))
+            if index < len(batches):
+                statistics.update(extractor(images))
         if trainer.world_size > 1:
             for state in statistics.state_tensors():
                 state.copy_(trainer.strategy.reduce(state, reduce_op="sum"))
