@@ -45,10 +45,13 @@ RANDOM_WEIGHTS = [
 
 
 class RandomImages(Dataset):
-    """Deterministic random uint8 images [3,R,R] and labels, as the training data format."""
+    """Deterministic random uint8 images [3,R,R] and labels, as the training data format; with
+    ``latent_shape`` (C,h,w) also a cached posterior ``latent`` [2C,h,w] (mean; std), as
+    ``data=cached_latents`` serves for LDM-only training."""
 
-    def __init__(self, length: int, resolution: int, num_classes: int):
+    def __init__(self, length: int, resolution: int, num_classes: int, latent_shape=None):
         self.length, self.resolution, self.num_classes = length, resolution, num_classes
+        self.latent_shape = latent_shape
 
     def __len__(self) -> int:
         return self.length
@@ -58,7 +61,12 @@ class RandomImages(Dataset):
         image = torch.randint(
             0, 256, (3, self.resolution, self.resolution), dtype=torch.uint8, generator=generator
         )
-        return {"image": image, "label": torch.tensor(index % self.num_classes)}
+        sample = {"image": image, "label": torch.tensor(index % self.num_classes)}
+        if self.latent_shape is not None:
+            mean = torch.randn(*self.latent_shape, generator=generator)
+            std = 0.01 + 0.1 * torch.rand(*self.latent_shape, generator=generator)
+            sample["latent"] = torch.cat([mean, std])
+        return sample
 
 
 class StepTimer(pl.Callback):
@@ -131,6 +139,11 @@ def main() -> None:
         help="FLOPs of one image's step; default: counted on the first step, which is only "
         "possible without model.compile (a dispatch mode stops dynamo compiling that step)",
     )
+    parser.add_argument(
+        "--cached-latents",
+        action="store_true",
+        help="LDM-only: feed cached VAE posteriors (random) instead of encoding the images on the fly",
+    )
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument(
         "--profile",
@@ -155,8 +168,13 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.allow_tf32)
     model = instantiate(to_plain(cfg.model), _recursive_=False)
     model.load_pretrained()
+    if args.cached_latents and cfg.model.mode != "ldm_only":
+        raise SystemExit("--cached-latents needs an ldm_only experiment")
     dataset = RandomImages(
-        args.batch_size * args.devices * (args.warmup + args.steps), args.resolution, model.num_classes
+        args.batch_size * args.devices * (args.warmup + args.steps),
+        args.resolution,
+        model.num_classes,
+        latent_shape=model.latent_shape if args.cached_latents else None,
     )
     datamodule = ImageDataModule(
         dataset, batch_size=args.batch_size * args.devices, num_workers=args.num_workers
@@ -194,6 +212,7 @@ def main() -> None:
         "batch_size_per_gpu": args.batch_size,
         "precision": str(cfg.trainer.precision),
         "compile": bool(cfg.model.compile),
+        "cached_latents": args.cached_latents,
         "step_time_s": step_time,
         "first_step_s": timer.times[0],
         "images_per_second": images_per_second,

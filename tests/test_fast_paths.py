@@ -1,4 +1,4 @@
-"""The speed levers (torch.compile of every network, fused AdamW) leave the training unchanged."""
+"""The speed levers (torch.compile of every network, fused AdamW, channels_last) leave the training unchanged."""
 
 from __future__ import annotations
 
@@ -13,13 +13,18 @@ from test_training import loss_trace
 
 
 @pytest.mark.slow
-def test_compiled_fused_steps_match_eager_steps(tiny_config, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "levers",
+    [("model.compile=true", "model.optimizer.fused=true"), ("model.channels_last=true",)],
+    ids=["compile+fused", "channels_last"],
+)
+def test_fast_paths_train_like_the_default_path(tiny_config, tmp_path, monkeypatch, levers):
     # Compiled code draws its own random numbers unless told to use torch's; with torch's, the
     # same seeds give the same t, noise and label dropout, so the losses must agree.
     monkeypatch.setattr(inductor_config, "fallback_random", True)
     eager = tiny_config("model.max_train_steps=2")
     train(eager)
-    fast = tiny_config("model.max_train_steps=2", "model.compile=true", "model.optimizer.fused=true")
+    fast = tiny_config("model.max_train_steps=2", *levers)
     fast.paths.output_dir = str(tmp_path / "fast")
     train(fast)
     for key in ("sit_loss", "vae_loss", "d_loss"):

@@ -433,7 +433,8 @@ class SiT(nn.Module):
             time_input = self.sample_time(xn.shape[0])
         time_input = time_input.to(device=xn.device, dtype=xn.dtype)
         if noises is None:
-            noises = torch.randn_like(xn)
+            # randn, not randn_like: the same draw whatever the latents' memory format (channels_last)
+            noises = torch.randn(xn.shape, device=xn.device, dtype=xn.dtype)
         alpha, sigma, d_alpha, d_sigma = interpolant(time_input, self.path_type)
         x_t = alpha * xn + sigma * noises
         target = d_alpha * xn + d_sigma * noises
