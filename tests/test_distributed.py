@@ -1,4 +1,4 @@
-"""Two processes (gloo, CPU) train exactly like one process with the same global batch."""
+"""Several processes train exactly like one process with the same global batch (DDP and FSDP)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import TINY_OVERRIDES
 
 HELPER = Path(__file__).parent / "helpers" / "deterministic_run.py"
 # No label dropout and no GAN term: the discriminator's BatchNorm uses per-rank batch statistics
@@ -83,6 +85,31 @@ def test_a_sharded_run_saves_full_checkpoints_and_resumes_exactly(tmp_path):
     assert (tmp_path / "resumed" / "steps_rank0.txt").read_text() == "3", "the run did not resume at step 3"
     for key, value in uninterrupted.items():
         assert torch.equal(resumed[key], value), f"{key} differs after resuming"
+
+
+@pytest.mark.slow
+def test_a_sharded_module_name_the_model_lacks_stops_with_one_clear_error(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "repae.train",
+            *TINY_OVERRIDES,
+            f"paths.root_dir={tmp_path}",
+            "trainer=fsdp_cpu",
+            "trainer.strategy.sharded_modules=[sit,transformer]",
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert (
+        "error: trainer.strategy.sharded_modules names no submodule of the model: ['transformer']"
+        in result.stderr
+    )
 
 
 GPU = ["trainer.accelerator=gpu", "trainer.precision=32-true", "trainer.benchmark=false", "allow_tf32=false"]
