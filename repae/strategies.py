@@ -25,14 +25,10 @@ import torch.nn as nn
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 FULL_ON_RANK_ZERO = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -47,7 +43,13 @@ FORWARD_METHODS = ("inference",)
 
 
 def shard_module(module: nn.Module, mesh: Any, reshard_after_forward: bool = True) -> None:
-    """FSDP2-shard ``module`` in place: one unit per element of ``module.blocks``, then the rest."""
+    """FSDP2-shard ``module`` in place: one unit per element of ``module.blocks``, then the rest.
+
+    A module that never trains (the EMA) always frees its gathered parameters after a forward:
+    with no backward to free them it would stay gathered, holding a full copy in memory and
+    breaking the shard-by-shard EMA update."""
+    if not any(p.requires_grad for p in module.parameters()):
+        reshard_after_forward = True
     for block in getattr(module, "blocks", []):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
@@ -90,6 +92,11 @@ class ShardedSiTStrategy(DDPStrategy):
         ]
         if missing:
             raise ValueError(f"trainer.strategy.sharded_modules names no submodule of the model: {missing}")
+        if len({"sit", "ema"} & set(self.sharded_modules)) == 1:
+            raise ValueError(
+                "trainer.strategy.sharded_modules must name sit and ema together: the EMA is averaged "
+                "shard by shard, so it must be sharded exactly like the SiT"
+            )
         if getattr(module, "compile_models", False):
             rank_zero_warn("model.compile=true with trainer=fsdp has not been verified (docs/distributed.md)")
         mesh = init_device_mesh(self.root_device.type, (self.world_size,))
@@ -111,48 +118,38 @@ class ShardedSiTStrategy(DDPStrategy):
         return get_model_state_dict(self.lightning_module, options=FULL_ON_RANK_ZERO)
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        # Optimizer.state_dict plus a gather of the sharded tensors. (torch's get_optimizer_state_dict
+        # would also do, but it runs a fake step on an optimizer without state, e.g. when a checkpoint
+        # is written before the first step, which changes the next real AdamW update.)
         optimizer = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
-        state = get_optimizer_state_dict(self.lightning_module, optimizer, options=FULL_ON_RANK_ZERO)
-        return _names_to_indices(state) if self.is_global_zero else {}
+        state = optimizer.state_dict()
+        # Every rank takes part in each gather, in the same order.
+        gathered = {
+            index: {
+                key: value.full_tensor().cpu() if isinstance(value, DTensor) else value
+                for key, value in s.items()
+            }
+            for index, s in state["state"].items()
+        }
+        return {**state, "state": gathered} if self.is_global_zero else {}
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
-            names = _parameter_names(self.lightning_module, optimizer)
-            set_optimizer_state_dict(
-                self.lightning_module,
-                optimizer,
-                optim_state_dict=_indices_to_names(state, names),
-                options=StateDictOptions(full_state_dict=True),
-            )
+            params = [param for group in optimizer.param_groups for param in group["params"]]
+            if len(params) != sum(len(group["params"]) for group in state["param_groups"]):
+                raise ValueError("the checkpoint's optimizer state does not match the model's parameters")
+            sharded = {
+                index: {key: _shard_like(value, params[index]) for key, value in s.items()}
+                for index, s in state["state"].items()
+            }
+            optimizer.load_state_dict({**state, "state": sharded})
 
 
-def _names_to_indices(state: Mapping[str, Any]) -> dict[str, Any]:
-    """``get_optimizer_state_dict``'s parameter-name keys -> ``Optimizer.state_dict``'s running indices."""
-    index = {}
-    groups = []
-    for group in state["param_groups"]:
-        params = []
-        for name in group["params"]:
-            index[name] = len(index)
-            params.append(index[name])
-        groups.append({**group, "params": params})
-    return {"state": {index[name]: value for name, value in state["state"].items()}, "param_groups": groups}
-
-
-def _indices_to_names(state: Mapping[str, Any], names: list[list[str]]) -> dict[str, Any]:
-    """The inverse of ``_names_to_indices`` for an optimizer whose groups hold parameters ``names``."""
-    flat = [name for group in names for name in group]
-    if len(state["param_groups"]) != len(names) or sum(
-        len(g["params"]) for g in state["param_groups"]
-    ) != len(flat):
-        raise ValueError("the checkpoint's optimizer state does not match the model's parameters")
-    groups = [
-        {**group, "params": group_names}
-        for group, group_names in zip(state["param_groups"], names, strict=True)
-    ]
-    return {"state": {flat[index]: value for index, value in state["state"].items()}, "param_groups": groups}
-
-
-def _parameter_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
-    names = {param: name for name, param in module.named_parameters()}
-    return [[names[param] for param in group["params"]] for group in optimizer.param_groups]
+def _shard_like(value: Any, param: torch.Tensor) -> Any:
+    """A full optimizer-state tensor of ``param``'s shape, sharded like ``param`` if it is sharded
+    (every rank holds the full tensor, so no communication)."""
+    if isinstance(param, DTensor) and isinstance(value, torch.Tensor) and value.shape == param.shape:
+        return distribute_tensor(
+            value.to(param.device), param.device_mesh, param.placements, src_data_rank=None
+        )
+    return value

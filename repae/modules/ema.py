@@ -38,6 +38,8 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         strict=True,
     ):
         assert name == model_name, f"EMA and model differ: {name} vs {model_name}"
+        if isinstance(ema_t, DTensor) != isinstance(model_t, DTensor):
+            raise ValueError(f"{name}: the EMA and the model must be sharded alike (both or neither)")
         if ema_t.is_floating_point():
             ema_tensors.append(local_shard(ema_t))
             model_tensors.append(local_shard(model_t.detach()).to(ema_t.dtype))
