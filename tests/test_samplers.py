@@ -8,10 +8,13 @@ import torch
 from repae.modules.samplers import (
     euler_maruyama_sampler,
     euler_sampler,
+    generate_images,
     interpolant,
     sample,
     score_from_velocity,
 )
+from repae.modules.sit import build_sit
+from repae.modules.vae import build_vae
 
 NULL_CLASS = 5
 
@@ -322,3 +325,18 @@ def test_sample_dispatches_by_mode(inputs):
 def test_unknown_path_type_raises():
     with pytest.raises(ValueError, match="path_type"):
         interpolant(torch.tensor([0.5]), "vp")
+
+
+def test_guidance_without_a_null_class_embedding_is_refused_clearly():
+    sit = build_sit(
+        "SiT-S/2",
+        input_size=4,
+        in_channels=4,
+        depth=1,
+        encoder_depth=1,
+        num_classes=3,
+        class_dropout_prob=0.0,
+    )
+    vae = build_vae("f4d4-tiny")
+    with pytest.raises(ValueError, match="null-class embedding"):
+        generate_images(sit, vae, torch.zeros(1, dtype=torch.long), torch.randn(1, 4, 4, 4), cfg_scale=2.0)

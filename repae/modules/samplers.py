@@ -205,6 +205,11 @@ def generate_images(
     arguments go to :func:`sample` (``num_steps``, ``cfg_scale``, ``generator``, ...).
     """
     sampler_kwargs.setdefault("null_class", sit.num_classes)
+    if sampler_kwargs.get("cfg_scale", 1.0) > 1.0 and sit.y_embedder.dropout_prob == 0:
+        raise ValueError(
+            f"classifier-free guidance (cfg_scale={sampler_kwargs['cfg_scale']}) needs the null-class "
+            "embedding, which a SiT built with class_dropout_prob=0 does not have: sample with cfg_scale=1"
+        )
     modes = sit.training, vae.training
     sit.eval(), vae.eval()  # no label dropout; the decoder's behaviour is mode-free, but be safe
     latents = sample(sit, noise, labels, mode=mode, **sampler_kwargs)
