@@ -234,10 +234,12 @@ class REPAE(pl.LightningModule):
             device = plugin.device if hasattr(plugin, "device") else "cuda"
             self.grad_scalers = [torch.amp.GradScaler(device) for _ in self.parameter_groups]
             plugin.scaler = None
-        for module in [self.vae, *([self.vae_loss] if self.vae_loss else [])]:
-            module.to(memory_format=self.memory_format)
+        convolutional = [self.vae, *([self.vae_loss] if self.vae_loss else [])]
+        if self.memory_format is torch.channels_last:
+            for module in convolutional:
+                module.to(memory_format=torch.channels_last)
         if self.compile_models and stage == "fit":
-            for module in [self.sit, self.vae, *self.encoders, *([self.vae_loss] if self.vae_loss else [])]:
+            for module in [self.sit, *self.encoders, *convolutional]:
                 module.compile()
 
     @cached_property
