@@ -12,11 +12,24 @@ from repae.train import train
 from test_training import loss_trace
 
 
+# Step 1's losses come from the initial weights, so only rounding separates the paths (measured
+# <= 1.2e-7). Step 2's weights went through one AdamW update, which turns rounding-level gradient
+# differences into up to learning-rate-sized moves of parameters whose gradient is near zero (the
+# update m / sqrt(v) is about the gradient's sign): measured up to 1.2e-4 (compiled attention
+# reassociates its sums). For scale: learning rates a third lower move step 2 by 8e-4 (SiT) to
+# 3e-2 (VAE); step 1 catches any change to the forward and losses.
+RELATIVE_TOLERANCE = {1: 1e-5, 2: 5e-4}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "levers",
-    [("model.compile=true", "model.optimizer.fused=true"), ("model.channels_last=true",)],
-    ids=["compile+fused", "channels_last"],
+    [
+        ("model.compile=true", "model.optimizer.fused=true"),
+        ("model.channels_last=true",),
+        ("model.compile=true", "model.optimizer.fused=true", "model.channels_last=true"),
+    ],
+    ids=["compile+fused", "channels_last", "compile+fused+channels_last"],
 )
 def test_fast_paths_train_like_the_default_path(tiny_config, tmp_path, levers):
     eager = tiny_config("model.max_train_steps=2")
@@ -34,4 +47,4 @@ def test_fast_paths_train_like_the_default_path(tiny_config, tmp_path, levers):
         )
         assert sorted(found) == [1, 2]
         for step, value in expected.items():
-            assert found[step] == pytest.approx(value, rel=1e-4, abs=1e-5), (key, step)
+            assert found[step] == pytest.approx(value, rel=RELATIVE_TOLERANCE[step], abs=1e-6), (key, step)

@@ -11,8 +11,10 @@ from repae.modules.vae import (
     AttnBlock,
     AutoencoderKL,
     DiagonalGaussianDistribution,
+    GroupNorm,
     build_vae,
     load_vae_weights,
+    upsample_nearest_2x,
 )
 
 
@@ -198,6 +200,77 @@ def test_attention_block_equals_explicit_softmax_attention():
     expected = x + block.proj_out(out)
 
     torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+
+
+CHANNELS_LAST = torch.channels_last
+
+
+def values_and_gradients(function, x: torch.Tensor, grad_output: torch.Tensor, parameters=()):
+    """Output, and the gradients of the input and ``parameters`` for a given output gradient."""
+    x = x.detach().requires_grad_()
+    out = function(x)
+    grads = torch.autograd.grad(out, [x, *parameters], grad_output)
+    return out, grads
+
+
+def test_group_norm_on_channels_last_input_equals_torch_and_stays_channels_last():
+    torch.manual_seed(0)
+    norm = GroupNorm(num_groups=32, num_channels=64, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = 3 * torch.randn(2, 64, 5, 7) + 1  # non-zero mean: the pooled group variance must include it
+    grad_output = torch.randn(2, 64, 5, 7)
+
+    parameters = [norm.weight, norm.bias]
+    expected, expected_grads = values_and_gradients(
+        lambda t: F.group_norm(t, 32, norm.weight, norm.bias, 1e-6), x, grad_output, parameters
+    )
+    out, grads = values_and_gradients(
+        norm, x.contiguous(memory_format=CHANNELS_LAST), grad_output, parameters
+    )
+
+    assert out.is_contiguous(memory_format=CHANNELS_LAST)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for found, reference in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(found, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_group_norm_keeps_the_torch_state_dict_keys():
+    assert set(GroupNorm(32, 64).state_dict()) == set(torch.nn.GroupNorm(32, 64).state_dict())
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CHANNELS_LAST], ids=["nchw", "nhwc"])
+def test_upsample_equals_nearest_interpolation_in_the_input_layout(memory_format):
+    x = torch.randn(2, 8, 5, 7).contiguous(memory_format=memory_format)
+    grad_output = torch.randn(2, 8, 10, 14)
+
+    expected, (expected_grad,) = values_and_gradients(
+        lambda t: F.interpolate(t, scale_factor=2.0, mode="nearest"), x, grad_output
+    )
+    out, (grad,) = values_and_gradients(upsample_nearest_2x, x, grad_output)
+
+    assert torch.equal(out, expected)
+    assert out.is_contiguous(memory_format=memory_format)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_tiny_vae_gives_the_same_reconstructions_and_gradients_in_channels_last():
+    torch.manual_seed(0)
+    vae = build_vae("f4d4-tiny")
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.manual_seed(1)  # the same posterior sample in both layouts
+    _, _, expected = vae(images)
+    expected_grads = torch.autograd.grad(expected.square().mean(), list(vae.parameters()))
+
+    vae.to(memory_format=CHANNELS_LAST)
+    torch.manual_seed(1)
+    _, _, recon = vae(images.contiguous(memory_format=CHANNELS_LAST))
+    grads = torch.autograd.grad(recon.square().mean(), list(vae.parameters()))
+
+    assert recon.is_contiguous(memory_format=CHANNELS_LAST)
+    torch.testing.assert_close(recon, expected, atol=1e-5, rtol=1e-4)
+    for found, reference in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(found, reference, atol=1e-5, rtol=1e-3)
 
 
 def test_load_vae_weights_missing_file_names_the_config_key(tmp_path):

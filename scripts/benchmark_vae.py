@@ -1,0 +1,84 @@
+"""Time the VAE alone: encode + decode, forward and backward, as in the REPA-E step (71 % of its FLOPs).
+
+    python scripts/benchmark_vae.py --vae f8d4 --compile --channels-last
+
+Random weights and inputs, bf16 autocast, the loss is the mean absolute reconstruction error so the
+backward reaches every layer. Compiles in a fraction of the time of the whole step, so layout and
+normalisation choices can be compared quickly; `scripts/benchmark.py` gives the step's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from benchmark import matmul_tflops
+
+from repae.modules.vae import VAE_CONFIGS, build_vae
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--vae", default="f8d4", choices=sorted(VAE_CONFIGS), help="VAE config (default: f8d4)"
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="images (default: 32)")
+    parser.add_argument("--resolution", type=int, default=256, help="image size (default: 256)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed first steps (default: 3)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the VAE")
+    parser.add_argument("--channels-last", action="store_true", help="VAE and images in channels_last")
+    parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    vae = build_vae(args.vae).cuda().to(memory_format=memory_format)
+    if args.compile:
+        vae.compile()
+    images = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device="cuda") * 2 - 1
+    images = images.contiguous(memory_format=memory_format)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, _, recon = vae(images)
+        (recon.float() - images).abs().mean().backward()
+        vae.zero_grad(set_to_none=True)
+
+    times = []
+    for index in range(args.warmup + args.steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        if index == 0:
+            print(f"first step {times[0]:.1f} s", flush=True)
+    seconds = statistics.median(times[args.warmup :])
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "vae": args.vae,
+        "batch_size": args.batch_size,
+        "compile": args.compile,
+        "channels_last": args.channels_last,
+        "step_ms": 1e3 * seconds,
+        "images_per_second": args.batch_size / seconds,
+        "first_step_s": times[0],
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "matmul_tflops": matmul_tflops(),
+    }
+    print(json.dumps(result, indent=1))
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
