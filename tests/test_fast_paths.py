@@ -11,7 +11,6 @@ from repae.train import train
 
 from test_training import loss_trace
 
-
 # Step 1's losses come from the initial weights, so only rounding separates the paths (measured
 # <= 1.2e-7). Step 2's weights went through one AdamW update, which turns rounding-level gradient
 # differences into up to learning-rate-sized moves of parameters whose gradient is near zero (the
