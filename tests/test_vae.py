@@ -235,6 +235,20 @@ def test_group_norm_on_channels_last_input_equals_torch_and_stays_channels_last(
         torch.testing.assert_close(found, reference, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_group_norm_on_channels_last_input_returns_what_torch_returns(dtype):
+    norm = GroupNorm(num_groups=32, num_channels=64, eps=1e-6).to(dtype)
+    x = torch.randn(2, 64, 4, 4, dtype=dtype)
+    expected = F.group_norm(x, 32, norm.weight, norm.bias, 1e-6)
+    out = norm(x.contiguous(memory_format=CHANNELS_LAST))
+    assert out.dtype == expected.dtype
+    torch.testing.assert_close(out, expected)
+    # CUDA's autocast runs group_norm in float32 (CPU's, which the GPU runs never use, does not).
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x.contiguous(memory_format=CHANNELS_LAST))
+    assert out.dtype == torch.promote_types(dtype, torch.float32)
+
+
 def test_group_norm_keeps_the_torch_state_dict_keys():
     assert set(GroupNorm(32, 64).state_dict()) == set(torch.nn.GroupNorm(32, 64).state_dict())
 

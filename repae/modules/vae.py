@@ -67,31 +67,33 @@ class DiagonalGaussianDistribution:
 
 
 def group_norm_channels_last(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """``F.group_norm`` for a channels_last [B, C, H, W] tensor, returned channels_last, in float32.
+    """``F.group_norm`` for a channels_last [B, C, H, W] tensor, returned channels_last.
 
     ``F.group_norm`` (and inductor's decomposition of it) views the input as [B, G, -1], which
     copies an NHWC tensor to NCHW. Here the statistics are per-channel moments over the H*W
     positions, a reduction that reads NHWC in place, pooled within each group (the group variance
     is the mean of the channel variances plus the variance of the channel means). The result is
     one scale and shift per (image, channel), an element-wise op that keeps the NHWC layout and
-    that torch.compile fuses with the SiLU and the cast feeding the next convolution.
+    that torch.compile fuses with the SiLU and the cast feeding the next convolution. Computed in
+    at least float32; returned in x's dtype, or float32 under autocast, as CUDA's ``F.group_norm``.
     """
     b, c, h, w = x.shape
+    dtype = torch.promote_types(x.dtype, torch.float32)
     channel_var, channel_mean = torch.var_mean(
-        x.permute(0, 2, 3, 1).reshape(b, h * w, c).float(), dim=1, correction=0
+        x.permute(0, 2, 3, 1).reshape(b, h * w, c).to(dtype), dim=1, correction=0
     )
     channel_var, channel_mean = channel_var.view(b, num_groups, -1), channel_mean.view(b, num_groups, -1)
     mean = channel_mean.mean(dim=2, keepdim=True)
     var = channel_var.mean(dim=2, keepdim=True) + channel_mean.var(dim=2, correction=0, keepdim=True)
-    scale = (torch.rsqrt(var + eps) * weight.float().view(num_groups, -1)).view(b, c)
-    shift = bias.float() - (mean * scale.view(b, num_groups, -1)).view(b, c)
-    return x.float() * scale[:, :, None, None] + shift[:, :, None, None]
+    scale = (torch.rsqrt(var + eps) * weight.to(dtype).view(num_groups, -1)).view(b, c)
+    shift = bias.to(dtype) - (mean * scale.view(b, num_groups, -1)).view(b, c)
+    out = x.to(dtype) * scale[:, :, None, None] + shift[:, :, None, None]
+    return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
 
 
 class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` (same parameters and state-dict keys) that keeps a channels_last input
-    channels_last (``group_norm_channels_last``); any other input goes to ``F.group_norm``.
-    Both return float32 under autocast, as autocast runs ``group_norm`` in float32."""
+    channels_last (``group_norm_channels_last``); any other input goes to ``F.group_norm``."""
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
