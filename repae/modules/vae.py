@@ -79,15 +79,16 @@ def group_norm_channels_last(x: Tensor, num_groups: int, weight: Tensor, bias: T
     """
     b, c, h, w = x.shape
     dtype = torch.promote_types(x.dtype, torch.float32)
+    x_float = x.to(dtype)  # one copy for both uses, so eager autograd saves it once
     channel_var, channel_mean = torch.var_mean(
-        x.permute(0, 2, 3, 1).reshape(b, h * w, c).to(dtype), dim=1, correction=0
+        x_float.permute(0, 2, 3, 1).reshape(b, h * w, c), dim=1, correction=0
     )
     channel_var, channel_mean = channel_var.view(b, num_groups, -1), channel_mean.view(b, num_groups, -1)
     mean = channel_mean.mean(dim=2, keepdim=True)
     var = channel_var.mean(dim=2, keepdim=True) + channel_mean.var(dim=2, correction=0, keepdim=True)
     scale = (torch.rsqrt(var + eps) * weight.to(dtype).view(num_groups, -1)).view(b, c)
     shift = bias.to(dtype) - (mean * scale.view(b, num_groups, -1)).view(b, c)
-    out = x.to(dtype) * scale[:, :, None, None] + shift[:, :, None, None]
+    out = x_float * scale[:, :, None, None] + shift[:, :, None, None]
     return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
 
 
