@@ -16,7 +16,8 @@ from test_training import loss_trace
 # differences into up to learning-rate-sized moves of parameters whose gradient is near zero (the
 # update m / sqrt(v) is about the gradient's sign): measured up to 1.2e-4 (compiled attention
 # reassociates its sums). For scale: learning rates a third lower move step 2 by 8e-4 (SiT) to
-# 3e-2 (VAE); step 1 catches any change to the forward and losses.
+# 3e-2 (VAE), so step 2 barely separates a SiT-side change from rounding; step 1 catches any
+# change to the forward passes and losses.
 RELATIVE_TOLERANCE = {1: 1e-5, 2: 5e-4}
 
 

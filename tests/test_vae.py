@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from repae.modules import vae as vae_module
 from repae.modules.vae import (
     VAE_CONFIGS,
     AttnBlock,
@@ -13,6 +14,7 @@ from repae.modules.vae import (
     DiagonalGaussianDistribution,
     GroupNorm,
     build_vae,
+    group_norm_channels_last,
     load_vae_weights,
     upsample_nearest_2x,
 )
@@ -202,9 +204,6 @@ def test_attention_block_equals_explicit_softmax_attention():
     torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
 
 
-CHANNELS_LAST = torch.channels_last
-
-
 def values_and_gradients(function, x: torch.Tensor, grad_output: torch.Tensor, parameters=()):
     """Output, and the gradients of the input and ``parameters`` for a given output gradient."""
     x = x.detach().requires_grad_()
@@ -213,47 +212,75 @@ def values_and_gradients(function, x: torch.Tensor, grad_output: torch.Tensor, p
     return out, grads
 
 
-def test_group_norm_on_channels_last_input_equals_torch_and_stays_channels_last():
+def test_channels_last_group_norm_equals_torch_and_stays_channels_last():
     torch.manual_seed(0)
-    norm = GroupNorm(num_groups=32, num_channels=64, eps=1e-6)
-    torch.nn.init.normal_(norm.weight)
-    torch.nn.init.normal_(norm.bias)
+    weight, bias = torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)
     x = 3 * torch.randn(2, 64, 5, 7) + 1  # non-zero mean: the pooled group variance must include it
     grad_output = torch.randn(2, 64, 5, 7)
 
-    parameters = [norm.weight, norm.bias]
     expected, expected_grads = values_and_gradients(
-        lambda t: F.group_norm(t, 32, norm.weight, norm.bias, 1e-6), x, grad_output, parameters
+        lambda t: F.group_norm(t, 32, weight, bias, 1e-6), x, grad_output, [weight, bias]
     )
     out, grads = values_and_gradients(
-        norm, x.contiguous(memory_format=CHANNELS_LAST), grad_output, parameters
+        lambda t: group_norm_channels_last(t, 32, weight, bias, 1e-6),
+        x.contiguous(memory_format=torch.channels_last),
+        grad_output,
+        [weight, bias],
     )
 
-    assert out.is_contiguous(memory_format=CHANNELS_LAST)
+    assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for found, reference in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(found, reference, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "shape, memory_format, takes_nhwc_path",
+    [
+        ((2, 64, 4, 4), torch.channels_last, True),
+        ((2, 64, 4, 4), torch.contiguous_format, False),
+        ((2, 64, 1, 1), torch.channels_last, False),  # both layouts at once: torch's path
+        ((2, 64, 8), torch.contiguous_format, False),
+    ],
+    ids=["nhwc", "nchw", "1x1", "3d"],
+)
+def test_group_norm_uses_the_nhwc_path_only_for_channels_last_images(
+    monkeypatch, shape, memory_format, takes_nhwc_path
+):
+    calls, original = [], vae_module.group_norm_channels_last
+
+    def spy(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(vae_module, "group_norm_channels_last", spy)
+    norm = GroupNorm(num_groups=32, num_channels=64)
+    x = torch.randn(shape).contiguous(memory_format=memory_format)
+
+    torch.testing.assert_close(norm(x), F.group_norm(x, 32, norm.weight, norm.bias, norm.eps))
+    assert bool(calls) == takes_nhwc_path
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_group_norm_on_channels_last_input_returns_what_torch_returns(dtype):
-    norm = GroupNorm(num_groups=32, num_channels=64, eps=1e-6).to(dtype)
+def test_channels_last_group_norm_returns_the_dtype_torch_returns(dtype):
+    norm = GroupNorm(num_groups=32, num_channels=64).to(dtype)
     x = torch.randn(2, 64, 4, 4, dtype=dtype)
-    expected = F.group_norm(x, 32, norm.weight, norm.bias, 1e-6)
-    out = norm(x.contiguous(memory_format=CHANNELS_LAST))
-    assert out.dtype == expected.dtype
-    torch.testing.assert_close(out, expected)
-    # CUDA's autocast runs group_norm in float32 (CPU's, which the GPU runs never use, does not).
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = norm(x.contiguous(memory_format=CHANNELS_LAST))
-    assert out.dtype == torch.promote_types(dtype, torch.float32)
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            expected = F.group_norm(x, 32, norm.weight, norm.bias, norm.eps)
+            out = norm(nhwc)
+        assert out.dtype == expected.dtype, autocast
+        torch.testing.assert_close(out, expected, atol=1e-2, rtol=1e-2)
 
 
 def test_group_norm_keeps_the_torch_state_dict_keys():
     assert set(GroupNorm(32, 64).state_dict()) == set(torch.nn.GroupNorm(32, 64).state_dict())
 
 
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CHANNELS_LAST], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize(
+    "memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"]
+)
 def test_upsample_equals_nearest_interpolation_in_the_input_layout(memory_format):
     x = torch.randn(2, 8, 5, 7).contiguous(memory_format=memory_format)
     grad_output = torch.randn(2, 8, 10, 14)
@@ -276,12 +303,12 @@ def test_tiny_vae_gives_the_same_reconstructions_and_gradients_in_channels_last(
     _, _, expected = vae(images)
     expected_grads = torch.autograd.grad(expected.square().mean(), list(vae.parameters()))
 
-    vae.to(memory_format=CHANNELS_LAST)
+    vae.to(memory_format=torch.channels_last)
     torch.manual_seed(1)
-    _, _, recon = vae(images.contiguous(memory_format=CHANNELS_LAST))
+    _, _, recon = vae(images.contiguous(memory_format=torch.channels_last))
     grads = torch.autograd.grad(recon.square().mean(), list(vae.parameters()))
 
-    assert recon.is_contiguous(memory_format=CHANNELS_LAST)
+    assert recon.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(recon, expected, atol=1e-5, rtol=1e-4)
     for found, reference in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(found, reference, atol=1e-5, rtol=1e-3)

@@ -66,16 +66,22 @@ class DiagonalGaussianDistribution:
         return 0.5 * torch.sum(mean.pow(2) + logvar.exp() - 1.0 - logvar, dim=[1, 2, 3])
 
 
+def is_channels_last(x: Tensor) -> bool:
+    """Whether a 4-D tensor is laid out NHWC (and not also NCHW, as tensors with H = W = 1 are)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def group_norm_channels_last(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """``F.group_norm`` for a channels_last [B, C, H, W] tensor, returned channels_last.
 
-    ``F.group_norm`` (and inductor's decomposition of it) views the input as [B, G, -1], which
-    copies an NHWC tensor to NCHW. Here the statistics are per-channel moments over the H*W
+    On CUDA, ``F.group_norm`` (and inductor's decomposition of it) views the input as [B, G, -1],
+    which copies an NHWC tensor to NCHW. Here the statistics are per-channel moments over the H*W
     positions, a reduction that reads NHWC in place, pooled within each group (the group variance
     is the mean of the channel variances plus the variance of the channel means). The result is
     one scale and shift per (image, channel), an element-wise op that keeps the NHWC layout and
     that torch.compile fuses with the SiLU and the cast feeding the next convolution. Computed in
-    at least float32; returned in x's dtype, or float32 under autocast, as CUDA's ``F.group_norm``.
+    at least float32; returned in float32 under CUDA autocast (which runs group_norm in float32),
+    otherwise in x's dtype, as ``F.group_norm``.
     """
     b, c, h, w = x.shape
     dtype = torch.promote_types(x.dtype, torch.float32)
@@ -88,16 +94,17 @@ def group_norm_channels_last(x: Tensor, num_groups: int, weight: Tensor, bias: T
     var = channel_var.mean(dim=2, keepdim=True) + channel_mean.var(dim=2, correction=0, keepdim=True)
     scale = (torch.rsqrt(var + eps) * weight.to(dtype).view(num_groups, -1)).view(b, c)
     shift = bias.to(dtype) - (mean * scale.view(b, num_groups, -1)).view(b, c)
-    out = x_float * scale[:, :, None, None] + shift[:, :, None, None]
-    return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
+    out = torch.addcmul(shift[:, :, None, None], x_float, scale[:, :, None, None])
+    return out if x.is_cuda and torch.is_autocast_enabled("cuda") else out.to(x.dtype)
 
 
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` (same parameters and state-dict keys) that keeps a channels_last input
-    channels_last (``group_norm_channels_last``); any other input goes to ``F.group_norm``."""
+    """``nn.GroupNorm`` (same parameters and state-dict keys), [B, C, *] -> same, that keeps a
+    channels_last [B, C, H, W] input channels_last (``group_norm_channels_last``, affine only);
+    any other input goes to ``F.group_norm``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        if self.affine and is_channels_last(x):
             return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
         return super().forward(x)
 
@@ -138,11 +145,13 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions, with a residual: [B, C, H, W] -> same.
 
-    ``softmax(q k^T / sqrt(C)) v`` with two ``bmm`` and a float32 softmax, as the CompVis code.
-    Not ``F.scaled_dot_product_attention``: no flash kernel takes a 512-wide head, and the
-    memory-efficient kernel it picks for channels_last activations is ~20x slower in backward than
-    the two bmm (6 ms a call for 32 images of 32x32 on an H100). The float32 softmax also keeps
-    inductor from pattern-matching the bmm back into that kernel.
+    ``softmax(q k^T / sqrt(C)) v`` with two ``bmm`` and a float32 softmax, as autocast runs the
+    CompVis code. Not ``F.scaled_dot_product_attention``: no flash kernel takes a 512-wide head, and
+    the memory-efficient kernel it picks for channels_last activations is ~20x slower in backward
+    than the two bmm (6 ms a call for 32 images of 32x32 on an H100). The explicit float32 cast also
+    keeps inductor from pattern-matching the bmm back into that kernel. The cost is the HW x HW
+    weights kept for backward (float32 and bf16, 6 bytes an entry): ~190 MiB a block for 32 images
+    at 32x32 latents (256 px, f8), 16x that at 512 px.
     """
 
     def __init__(self, channels: int):
@@ -156,7 +165,7 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         x_norm = self.norm(x)
-        # [B, C, H, W] -> [B, HW, C]: the tokens are the spatial positions (a view for channels_last).
+        # [B, C, H, W] -> [B, HW, C], tokens = spatial positions; for channels_last input it is a view.
         q, k, v = (proj(x_norm).reshape(b, c, h * w).transpose(1, 2) for proj in (self.q, self.k, self.v))
         scores = torch.bmm(q, k.transpose(1, 2))
         weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)) * c**-0.5, dim=2)
@@ -194,9 +203,10 @@ def upsample_nearest_2x(x: Tensor) -> Tensor:
     H100 with channels_last activations. [B, C, H, W] -> [B, C, 2H, 2W].
     """
     b, c, h, w = x.shape
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    copies = x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
-    return copies.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if is_channels_last(x):  # broadcast in NHWC order, so the one copy is already channels_last
+        copies = x.permute(0, 2, 3, 1)[:, :, None, :, None].expand(b, h, 2, w, 2, c)
+        return copies.reshape(b, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
+    return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
 
 
 class Encoder(nn.Module):
