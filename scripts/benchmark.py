@@ -121,6 +121,15 @@ def matmul_tflops(size: int = 8192, repeats: int = 10) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
+def report(results: dict, output: Path | None) -> None:
+    """Print the results as JSON and, with an ``output`` path, write them there too."""
+    text = json.dumps(results, indent=2)
+    print(text)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -226,10 +235,7 @@ def main() -> None:
             bf16_matmul_tflops=peak,
             mfu=flops_per_image * images_per_second / (peak * 1e12),
         )
-    print(json.dumps(results, indent=2))
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=2))
+    report(results, args.output)
 
 
 if __name__ == "__main__":

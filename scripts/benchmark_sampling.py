@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import time
 from pathlib import Path
 
 import torch
+from benchmark import report
 
 from repae.modules.samplers import generate_images
 from repae.modules.sit import build_sit
@@ -80,9 +80,7 @@ def main() -> None:
         "images_per_second": args.batch_size / per_batch,
         "first_batch_s": times[0],
     }
-    print(json.dumps(result, indent=2))
-    if args.output:
-        args.output.write_text(json.dumps(result, indent=2))
+    report(result, args.output)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,12 @@ normalisation choices can be compared quickly; `scripts/benchmark.py` gives the 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from benchmark import matmul_tflops
+from benchmark import matmul_tflops, report
 
 from repae.modules.vae import VAE_CONFIGS, build_vae
 
@@ -75,12 +74,9 @@ def main() -> None:
         "images_per_second": args.batch_size / seconds,
         "first_step_s": times[0],
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "matmul_tflops": matmul_tflops(),
+        "bf16_matmul_tflops": matmul_tflops(),
     }
-    print(json.dumps(result, indent=1))
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=1) + "\n")
+    report(result, args.output)
 
 
 if __name__ == "__main__":

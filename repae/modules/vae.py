@@ -71,6 +71,11 @@ def is_channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """x in float32, or as it is if its dtype is wider (float64): where reductions need the precision."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def group_norm_channels_last(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """``F.group_norm`` for a channels_last [B, C, H, W] tensor, returned channels_last.
 
@@ -84,8 +89,8 @@ def group_norm_channels_last(x: Tensor, num_groups: int, weight: Tensor, bias: T
     otherwise in x's dtype, as ``F.group_norm``.
     """
     b, c, h, w = x.shape
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    x_float = x.to(dtype)  # one copy for both uses, so eager autograd saves it once
+    x_float = at_least_float32(x)  # one copy for both uses, so eager autograd saves it once
+    dtype = x_float.dtype
     channel_var, channel_mean = torch.var_mean(
         x_float.permute(0, 2, 3, 1).reshape(b, h * w, c), dim=1, correction=0
     )
@@ -168,7 +173,7 @@ class AttnBlock(nn.Module):
         # [B, C, H, W] -> [B, HW, C], tokens = spatial positions; for channels_last input it is a view.
         q, k, v = (proj(x_norm).reshape(b, c, h * w).transpose(1, 2) for proj in (self.q, self.k, self.v))
         scores = torch.bmm(q, k.transpose(1, 2))
-        weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)) * c**-0.5, dim=2)
+        weights = torch.softmax(at_least_float32(scores) * c**-0.5, dim=2)
         out = torch.bmm(weights.to(v.dtype), v)
         return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
 
