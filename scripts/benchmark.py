@@ -70,11 +70,17 @@ class RandomImages(Dataset):
 
 
 class StepTimer(pl.Callback):
-    """Wall time of every training batch (CUDA-synchronised), FLOPs of the first one, and
-    optionally a kernel profile of the last two."""
+    """Step times on the GPU's own timeline, FLOPs of the first step, and optionally a kernel
+    profile of the last two steps.
+
+    A CUDA event is recorded at every batch start and after the last batch; a step's time is the
+    distance between consecutive events. Nothing synchronises the host inside the timed steps, so
+    the CPU may run ahead of the GPU as it does in training, and the numbers are the throughput a
+    training run sees. The first step (compilation) is timed on the wall clock."""
 
     def __init__(self, count_flops: bool, total_steps: int, profile_path: Path | None):
-        self.times: list[float] = []
+        self.events: list[torch.cuda.Event] = []
+        self.first_step_s: float | None = None
         self.flops: int | None = None
         self.count_flops = count_flops
         self.total_steps = total_steps
@@ -82,29 +88,100 @@ class StepTimer(pl.Callback):
         self._counter: FlopCounterMode | None = None
         self._profiler: torch.profiler.profile | None = None
 
+    @property
+    def times(self) -> list[float]:
+        """Seconds of every step after the first, in order (valid after the last step)."""
+        return [start.elapsed_time(end) / 1e3 for start, end in zip(self.events, self.events[1:])]
+
+    def _record(self) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.events.append(event)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.count_flops and batch_idx == 0:
-            self._counter = FlopCounterMode(display=False)
-            self._counter.__enter__()
+        if batch_idx == 0:
+            if self.count_flops:
+                self._counter = FlopCounterMode(display=False)
+                self._counter.__enter__()
+            torch.cuda.synchronize()
+            self._start = time.perf_counter()
+        else:
+            self._record()
         if self.profile_path and batch_idx == self.total_steps - 2:
             self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
             self._profiler.__enter__()
-        torch.cuda.synchronize()
-        self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        torch.cuda.synchronize()
-        self.times.append(time.perf_counter() - self._start)
+        if batch_idx == 0:
+            torch.cuda.synchronize()
+            self.first_step_s = time.perf_counter() - self._start
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
             self.flops = self._counter.get_total_flops()
             self._counter = None
+        if batch_idx == self.total_steps - 1:
+            self._record()
+            torch.cuda.synchronize()
         if self._profiler is not None and batch_idx == self.total_steps - 1:
             self._profiler.__exit__(None, None, None)
-            table = self._profiler.key_averages().table(sort_by="cuda_time_total", row_limit=40)
             self.profile_path.parent.mkdir(parents=True, exist_ok=True)
-            self.profile_path.write_text(table)
+            self.profile_path.write_text(kernel_report(self._profiler))
             self._profiler = None
+
+
+KERNEL_FAMILIES = {
+    "convolution (cuDNN)": ("xmma", "implicit_gemm", "conv", "cudnn", "nchwToNhwc", "nhwcToNchw"),
+    "attention": ("fmha", "flash", "attention"),
+    "matmul (cuBLAS)": ("nvjet", "gemm", "cutlass", "cublas"),
+    "optimizer and EMA (multi_tensor_apply)": ("multi_tensor_apply",),
+    "Triton (inductor-fused element-wise, norms, reductions)": ("triton",),
+    "ATen element-wise and reductions": ("elementwise", "reduce_kernel", "vectorized"),
+    "memory copies and fills": ("memcpy", "memset", "copy", "fill"),
+}
+
+
+def kernel_family(name: str) -> str:
+    """The family of a CUDA kernel, by name (the first family with a matching fragment)."""
+    lowered = name.lower()
+    for family, fragments in KERNEL_FAMILIES.items():
+        if any(fragment.lower() in lowered for fragment in fragments):
+            return family
+    return "other"
+
+
+def kernel_report(profiler: torch.profiler.profile, gaps: int = 15, rows: int = 60) -> str:
+    """What the GPU did in the profiled steps: the share of the time it was busy, GPU time per
+    kernel family (all kernels), the longest idle gaps with the kernels around them, and the
+    ``rows`` costliest kernels."""
+    kernels = sorted(
+        (event for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA),
+        key=lambda event: event.time_range.start,
+    )
+    window = kernels[-1].time_range.end - kernels[0].time_range.start
+    busy, idle, end, previous = 0.0, [], kernels[0].time_range.start, kernels[0]
+    families: dict[str, float] = {}
+    for kernel in kernels:
+        start, stop = kernel.time_range.start, kernel.time_range.end
+        families[kernel_family(kernel.name)] = families.get(kernel_family(kernel.name), 0.0) + stop - start
+        if start > end:
+            idle.append((start - end, previous.name, kernel.name))
+        busy += max(0.0, stop - max(start, end))
+        if stop > end:
+            end, previous = stop, kernel
+    lines = [
+        f"profiled window (first kernel start to last kernel end): {window / 1e3:.1f} ms, "
+        f"GPU busy {busy / 1e3:.1f} ms ({100 * busy / window:.1f} %), idle {(window - busy) / 1e3:.1f} ms",
+        "",
+        "GPU time by kernel family (all kernels; overlapping kernels counted in full):",
+    ]
+    total = sum(families.values())
+    for family, time_us in sorted(families.items(), key=lambda item: -item[1]):
+        lines.append(f"  {100 * time_us / total:5.1f} %  {time_us / 1e3:8.1f} ms  {family}")
+    lines += ["", f"longest idle gaps (of {len(idle)}), with the kernels before and after:"]
+    for gap, before, after in sorted(idle, reverse=True)[:gaps]:
+        lines.append(f"  {gap / 1e3:7.2f} ms  after {before[:90]}  before {after[:90]}")
+    lines += ["", profiler.key_averages().table(sort_by="cuda_time_total", row_limit=rows)]
+    return "\n".join(lines) + "\n"
 
 
 def matmul_tflops(size: int = 8192, repeats: int = 10) -> float:
@@ -161,6 +238,8 @@ def main() -> None:
         help="profile the last two steps; write the CUDA kernel table here",
     )
     args = parser.parse_intermixed_args()  # Hydra overrides may come before or after the options
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be at least 1 (the first step compiles)")
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=[*RANDOM_WEIGHTS, *args.overrides])
@@ -212,7 +291,7 @@ def main() -> None:
     trainer.fit(model, datamodule=datamodule)
     if not trainer.is_global_zero:
         return
-    step_time = statistics.median(timer.times[args.warmup :])
+    step_time = statistics.mean(timer.times[args.warmup - 1 :])
     images_per_second = args.batch_size * args.devices / step_time
     results = {
         "overrides": args.overrides,
@@ -223,7 +302,8 @@ def main() -> None:
         "compile": bool(cfg.model.compile),
         "cached_latents": args.cached_latents,
         "step_time_s": step_time,
-        "first_step_s": timer.times[0],
+        "step_times_s": timer.times[args.warmup - 1 :],
+        "first_step_s": timer.first_step_s,
         "images_per_second": images_per_second,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
     }

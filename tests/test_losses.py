@@ -243,6 +243,43 @@ def test_losses_are_float32_for_bfloat16_inputs_and_under_autocast(mode):
     assert torch.equal(under_autocast, reference)  # autocast had no effect inside
 
 
+class ConvPerceptual(nn.Module):
+    """Stub perceptual distance through a convolution: mean |conv(x) - conv(y)| per sample -> [B]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x, y):
+        return (self.conv(x) - self.conv(y)).abs().mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("mode", ["generator", "discriminator"])
+def test_autocast_networks_runs_the_networks_in_bfloat16_and_the_loss_in_float32(mode):
+    torch.manual_seed(0)
+    loss_fn = make_loss(
+        discriminator=batchnorm_discriminator().eval(), perceptual=ConvPerceptual(), autocast_networks=True
+    )
+    convolution_dtypes = []
+    for module in loss_fn.modules():
+        if isinstance(module, nn.Conv2d):
+            module.register_forward_hook(lambda _, __, output: convolution_dtypes.append(output.dtype))
+    x, x_hat = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    posterior = StubPosterior(torch.tensor([1.0, 3.0]))
+
+    reference, _ = loss_fn(x, x_hat, posterior, step=0, mode=mode)
+    assert set(convolution_dtypes) == {torch.float32}  # no autocast around the call: float32
+    convolution_dtypes.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logs = loss_fn(x, x_hat, posterior, step=0, mode=mode)
+
+    assert set(convolution_dtypes) == {torch.bfloat16}
+    assert loss.dtype == torch.float32
+    assert all(value.dtype == torch.float32 for value in logs.values())
+    assert not torch.equal(loss, reference)
+    torch.testing.assert_close(loss, reference, rtol=3e-2, atol=1e-3)
+
+
 def test_invalid_options_raise():
     with pytest.raises(ValueError, match="l1"):
         make_loss(reconstruction_loss="l3")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -76,7 +77,8 @@ class VAERegularizationLoss(nn.Module):
     """REPA-E's VAE regularisation loss (official `ReconstructionLoss_Single_Stage`, VAE mode).
 
     Defaults are those of `configs/l1_lpips_kl_gan.yaml`. Everything runs in float32 with autocast
-    disabled, as in the official code. The discriminator stays in whatever mode the caller sets;
+    disabled, as in the official code, unless `autocast_networks` lets the perceptual network and
+    the discriminator run under the caller's autocast (the loss arithmetic stays float32). The discriminator stays in whatever mode the caller sets;
     the official code never switches it to eval, so its BatchNorm uses batch statistics.
 
     Generator mode (the VAE update):
@@ -96,6 +98,9 @@ class VAERegularizationLoss(nn.Module):
         logvar_init: initial value of the fixed (never optimised) `logvar` buffer.
         lecam_regularization_weight: LeCam weight; if > 0, EMAs of the mean real and fake logits are
             kept in buffers `ema_real_logits_mean`, `ema_fake_logits_mean` (decay `lecam_ema_decay`).
+        autocast_networks: run the perceptual network and the discriminator in the autocast dtype
+            the loss is called under (bf16 with bf16-mixed) instead of float32. Faster; differs
+            from the official code, which runs them in float32.
     """
 
     def __init__(
@@ -112,6 +117,7 @@ class VAERegularizationLoss(nn.Module):
         logvar_init: float = 0.0,
         lecam_regularization_weight: float = 0.0,
         lecam_ema_decay: float = 0.999,
+        autocast_networks: bool = False,
     ):
         super().__init__()
         if reconstruction_loss not in RECONSTRUCTION_LOSSES:
@@ -129,6 +135,7 @@ class VAERegularizationLoss(nn.Module):
         self.kl_weight = kl_weight
         self.lecam_regularization_weight = lecam_regularization_weight
         self.lecam_ema_decay = lecam_ema_decay
+        self.autocast_networks = autocast_networks
         # A buffer, not a parameter: the official logvar has requires_grad=False and must stay out
         # of the optimiser. Same state-dict key as the official module.
         self.register_buffer("logvar", torch.tensor(float(logvar_init)))
@@ -161,15 +168,30 @@ class VAERegularizationLoss(nn.Module):
         """
         if mode not in LOSS_MODES:
             raise ValueError(f"mode must be one of {LOSS_MODES}, got {mode!r}")
-        with torch.autocast(device_type=inputs.device.type, enabled=False):
+        device_type = inputs.device.type
+        network_dtype = None
+        if self.autocast_networks and torch.is_autocast_enabled(device_type):
+            network_dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type=device_type, enabled=False):
             inputs = inputs.float()
             reconstructions = reconstructions.float()
             if mode == "generator":
-                return self._generator_loss(inputs, reconstructions, posterior, step)
-            return self._discriminator_loss(inputs, reconstructions, step)
+                return self._generator_loss(inputs, reconstructions, posterior, step, network_dtype)
+            return self._discriminator_loss(inputs, reconstructions, step, network_dtype)
+
+    @staticmethod
+    def _network_precision(device_type: str, dtype: torch.dtype | None):
+        """The precision the perceptual network and the discriminator run in: autocast to
+        ``dtype``, or float32 (autocast stays off) when ``dtype`` is None."""
+        return torch.autocast(device_type=device_type, dtype=dtype) if dtype else nullcontext()
 
     def _generator_loss(
-        self, inputs: torch.Tensor, reconstructions: torch.Tensor, posterior: Any, step: int
+        self,
+        inputs: torch.Tensor,
+        reconstructions: torch.Tensor,
+        posterior: Any,
+        step: int,
+        network_dtype: torch.dtype | None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.reconstruction_loss == "l1":
             reconstruction_loss = F.l1_loss(reconstructions, inputs)
@@ -177,7 +199,9 @@ class VAERegularizationLoss(nn.Module):
             reconstruction_loss = F.mse_loss(reconstructions, inputs)
         reconstruction_loss = self.reconstruction_weight * reconstruction_loss / torch.exp(self.logvar)
 
-        perceptual_loss = self.perceptual_weight * self.perceptual(inputs, reconstructions).mean()
+        with self._network_precision(inputs.device.type, network_dtype):
+            perceptual = self.perceptual(inputs, reconstructions)
+        perceptual_loss = self.perceptual_weight * perceptual.float().mean()
 
         kl = posterior.kl().float()
         kl_loss = self.kl_weight * kl.sum() / kl.shape[0]
@@ -185,7 +209,9 @@ class VAERegularizationLoss(nn.Module):
         factor = self.factor(step)
         gan_loss = torch.zeros((), device=inputs.device)
         if factor > 0.0 and self.discriminator_weight > 0.0:
-            gan_loss = -call_with_frozen_parameters(self.discriminator, reconstructions).float().mean()
+            with self._network_precision(inputs.device.type, network_dtype):
+                logits_fake = call_with_frozen_parameters(self.discriminator, reconstructions)
+            gan_loss = -logits_fake.float().mean()
         weighted_gan_loss = self.discriminator_weight * factor * gan_loss
 
         total_loss = reconstruction_loss + perceptual_loss + kl_loss + weighted_gan_loss
@@ -203,12 +229,17 @@ class VAERegularizationLoss(nn.Module):
         return total_loss, {name: value.detach().float() for name, value in logs.items()}
 
     def _discriminator_loss(
-        self, inputs: torch.Tensor, reconstructions: torch.Tensor, step: int
+        self,
+        inputs: torch.Tensor,
+        reconstructions: torch.Tensor,
+        step: int,
+        network_dtype: torch.dtype | None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # The official code also sets requires_grad on the real images, but never uses that
         # gradient (no gradient penalty), so it is skipped here.
-        logits_real = self.discriminator(inputs.detach()).float()
-        logits_fake = self.discriminator(reconstructions.detach()).float()
+        with self._network_precision(inputs.device.type, network_dtype):
+            logits_real = self.discriminator(inputs.detach()).float()
+            logits_fake = self.discriminator(reconstructions.detach()).float()
         discriminator_loss = self.factor(step) * hinge_discriminator_loss(logits_real, logits_fake)
 
         regularization = torch.zeros((), device=inputs.device)
