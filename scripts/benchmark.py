@@ -16,6 +16,7 @@ H100 and H200. Results go to stdout and, with --output, to a JSON file.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -91,7 +92,7 @@ class StepTimer(pl.Callback):
     @property
     def times(self) -> list[float]:
         """Seconds of every step after the first, in order (valid after the last step)."""
-        return [start.elapsed_time(end) / 1e3 for start, end in zip(self.events, self.events[1:])]
+        return [start.elapsed_time(end) / 1e3 for start, end in itertools.pairwise(self.events)]
 
     def _record(self) -> None:
         event = torch.cuda.Event(enable_timing=True)
