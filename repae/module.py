@@ -311,16 +311,15 @@ class REPAE(pl.LightningModule):
             logs = self._e2e_losses(images, labels, zs, backward)
         else:
             logs = self._ldm_only_losses(batch, images, labels, zs, backward)
-        if not self._step_if_finite(grad_norms):
-            torch._foreach_copy_(self.step_buffers, buffers_before)
-        self.train_step += 1
-        self._step += 1
+        finite = torch.stack([norm.float() for norm in grad_norms.values()]).isfinite().all()
         logs.update({f"grad_norm_{name}": norm for name, norm in grad_norms.items()})
         logs.update(
-            step=float(self.step),
+            step=float(self.step + 1),
             epoch=float(self.current_epoch),
-            nonfinite_steps=self.nonfinite_steps.float(),
+            nonfinite_steps=(self.nonfinite_steps + ~finite).float(),
         )
+        # Logged before _step_if_finite waits for the GPU, so Lightning's per-metric bookkeeping
+        # (several ms of CPU a step) runs while the GPU is still busy with the backward passes.
         shown = ("sit_loss", "vae_loss", "d_loss")
         for prog_bar in (False, True):
             self.log_dict(
@@ -329,6 +328,10 @@ class REPAE(pl.LightningModule):
                 prog_bar=prog_bar,
                 batch_size=images.shape[0],
             )
+        if not self._step_if_finite(finite):
+            torch._foreach_copy_(self.step_buffers, buffers_before)
+        self.train_step += 1
+        self._step += 1
 
     def _e2e_losses(
         self, images, labels, zs, backward: Callable[[str, torch.Tensor], None]
@@ -401,12 +404,12 @@ class REPAE(pl.LightningModule):
             scaler.unscale_(optimizer.optimizer)
         grad_norms[name] = clip_grad_norm_(params, self.max_grad_norm)
 
-    def _step_if_finite(self, grad_norms: dict[str, torch.Tensor]) -> bool:
-        """Step every optimizer and the EMA if all gradient norms are finite; otherwise skip all of
-        them together, so the three models stay consistent, and count the skip. Returns whether
-        the step was taken."""
+    def _step_if_finite(self, finite: torch.Tensor) -> bool:
+        """Step every optimizer and the EMA if ``finite`` (all gradient norms are finite; a bool
+        tensor, read here: the step's one wait for the GPU); otherwise skip all of them together, so
+        the three models stay consistent, and count the skip. Returns whether the step was taken."""
         optimizers = self._optimizers_by_name()
-        finite = bool(torch.stack([norm.float() for norm in grad_norms.values()]).isfinite().all())
+        finite = bool(finite)
         if finite:
             for optimizer, _, _ in optimizers.values():
                 optimizer.step()

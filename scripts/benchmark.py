@@ -150,22 +150,25 @@ def kernel_family(name: str) -> str:
     return "other"
 
 
-def kernel_report(profiler: torch.profiler.profile, gaps: int = 15, rows: int = 60) -> str:
+def kernel_report(profiler: torch.profiler.profile, gaps: int = 15, rows: int = 60, slices: int = 20) -> str:
     """What the GPU did in the profiled steps: the share of the time it was busy, GPU time per
-    kernel family (all kernels), the longest idle gaps with the kernels around them, and the
-    ``rows`` costliest kernels."""
+    kernel family (all kernels), idle time by gap length and over the window (``slices`` equal
+    parts), the longest idle gaps with the kernels around them, and the ``rows`` costliest kernels."""
     kernels = sorted(
         (event for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA),
         key=lambda event: event.time_range.start,
     )
-    window = kernels[-1].time_range.end - kernels[0].time_range.start
-    busy, idle, end, previous = 0.0, [], kernels[0].time_range.start, kernels[0]
+    first = kernels[0].time_range.start
+    window = kernels[-1].time_range.end - first
+    busy, end, previous = 0.0, first, kernels[0]
+    idle: list[tuple[float, float, str, str]] = []  # (length, start, kernel before, kernel after)
     families: dict[str, float] = {}
     for kernel in kernels:
         start, stop = kernel.time_range.start, kernel.time_range.end
-        families[kernel_family(kernel.name)] = families.get(kernel_family(kernel.name), 0.0) + stop - start
+        family = kernel_family(kernel.name)
+        families[family] = families.get(family, 0.0) + stop - start
         if start > end:
-            idle.append((start - end, previous.name, kernel.name))
+            idle.append((start - end, end, previous.name, kernel.name))
         busy += max(0.0, stop - max(start, end))
         if stop > end:
             end, previous = stop, kernel
@@ -178,9 +181,22 @@ def kernel_report(profiler: torch.profiler.profile, gaps: int = 15, rows: int = 
     total = sum(families.values())
     for family, time_us in sorted(families.items(), key=lambda item: -item[1]):
         lines.append(f"  {100 * time_us / total:5.1f} %  {time_us / 1e3:8.1f} ms  {family}")
-    lines += ["", f"longest idle gaps (of {len(idle)}), with the kernels before and after:"]
-    for gap, before, after in sorted(idle, reverse=True)[:gaps]:
-        lines.append(f"  {gap / 1e3:7.2f} ms  after {before[:90]}  before {after[:90]}")
+    lines += ["", "idle time by gap length:"]
+    for low, high in itertools.pairwise((0.0, 10.0, 100.0, 1000.0, float("inf"))):
+        lengths = [length for length, *_ in idle if low <= length < high]
+        lines.append(f"  {low:5.0f} to {high:5.0f} us: {sum(lengths) / 1e3:7.1f} ms in {len(lengths)} gaps")
+    per_slice = [0.0] * slices
+    for length, start, *_ in idle:
+        per_slice[min(slices - 1, int(slices * (start - first) / window))] += length
+    lines += [
+        "",
+        f"idle ms in each of {slices} equal parts of the window ({window / slices / 1e3:.1f} ms each):",
+        "  " + " ".join(f"{time_us / 1e3:.1f}" for time_us in per_slice),
+        "",
+        f"longest idle gaps (of {len(idle)}), with the kernels before and after:",
+    ]
+    for length, _, before, after in sorted(idle, reverse=True)[:gaps]:
+        lines.append(f"  {length / 1e3:7.2f} ms  after {before[:90]}  before {after[:90]}")
     lines += ["", profiler.key_averages().table(sort_by="cuda_time_total", row_limit=rows)]
     return "\n".join(lines) + "\n"
 
