@@ -6,7 +6,8 @@ input gradient (dgrad) and weight gradient (wgrad), with the rate each reaches.
 Convolutions are 54 % of the compiled REPA-E step's GPU time; this shows which of them run far
 below the card's matrix rate. A convolution whose input or output channels are not a multiple
 of 8 is also timed with its channels zero-padded to the next multiple of 8 (`padded_*` columns),
-the remedy when cuDNN has no fast kernel for the odd count (the RGB convolutions). Random
+the remedy when cuDNN has no fast kernel for the odd count (the RGB convolutions), and a 1x1
+convolution on NHWC operands also as the matmul it is (`as_matmul_*` columns). Random
 weights; the VAE in bf16, the loss networks in float32 with TF32 as the official code runs them,
 or in bf16 with --loss-networks-bf16 (`model.loss.autocast_networks=true`).
 """
@@ -78,7 +79,8 @@ def time_ms(function, repeats: int = 10) -> float:
 def time_convolution(
     weight_shape, stride, padding, input_shape, dtype, memory_format
 ) -> tuple[dict[str, float], int]:
-    """Milliseconds of the forward, dgrad and wgrad of one convolution; and its forward FLOPs."""
+    """Milliseconds of the forward (with and without the bias), dgrad and wgrad of one
+    convolution; and its forward FLOPs."""
     out_channels, in_channels, kh, kw = weight_shape
     x = torch.randn(input_shape, device="cuda", dtype=dtype).contiguous(memory_format=memory_format)
     weight = torch.randn(weight_shape, device="cuda", dtype=dtype).contiguous(memory_format=memory_format)
@@ -94,11 +96,28 @@ def time_convolution(
 
     times = {
         "forward": time_ms(lambda: F.conv2d(x, weight, bias, stride, padding)),
+        "forward_without_bias": time_ms(lambda: F.conv2d(x, weight, None, stride, padding)),
         "dgrad": time_ms(gradient([True, False, False])),
         "wgrad": time_ms(gradient([False, True, True])),
     }
     flops = 2 * y.numel() * in_channels * kh * kw
     return times, flops
+
+
+def time_as_matmul(weight_shape, input_shape, dtype) -> dict[str, float]:
+    """Milliseconds of a 1x1 convolution computed as a matmul over NHWC pixels: forward, input
+    gradient and weight gradient."""
+    out_channels, in_channels, _, _ = weight_shape
+    pixels = input_shape[0] * input_shape[2] * input_shape[3]
+    x = torch.randn(pixels, in_channels, device="cuda", dtype=dtype)
+    weight = torch.randn(out_channels, in_channels, device="cuda", dtype=dtype)
+    bias = torch.randn(out_channels, device="cuda", dtype=dtype)
+    grad = torch.randn(pixels, out_channels, device="cuda", dtype=dtype)
+    return {
+        "forward": time_ms(lambda: F.linear(x, weight, bias)),
+        "dgrad": time_ms(lambda: grad @ weight),
+        "wgrad": time_ms(lambda: (grad.t() @ x, grad.sum(0))),
+    }
 
 
 def padded_to_8(channels: int) -> int:
@@ -118,10 +137,18 @@ def main() -> None:
     parser.add_argument(
         "--loss-networks-bf16", action="store_true", help="LPIPS and the discriminator in bf16"
     )
+    parser.add_argument(
+        "--benchmark-limit",
+        type=int,
+        default=torch.backends.cudnn.benchmark_limit,
+        help="cuDNN algorithms tried per convolution in benchmark mode; 0 tries all "
+        f"(default: torch's, {torch.backends.cudnn.benchmark_limit})",
+    )
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
     torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark_limit = args.benchmark_limit
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     loss_dtype = torch.bfloat16 if args.loss_networks_bf16 else torch.float32
@@ -149,6 +176,7 @@ def main() -> None:
             "gflop": flops / 1e9,
             **{f"{operation}_ms": times[operation] for operation in OPERATIONS},
             **{f"{operation}_tflops": flops / times[operation] / 1e9 for operation in OPERATIONS},
+            "forward_without_bias_ms": times["forward_without_bias"],
         }
         out_channels, in_channels, kh, kw = weight_shape
         if out_channels % 8 or in_channels % 8:
@@ -156,6 +184,9 @@ def main() -> None:
             padded_input = (input_shape[0], padded_to_8(in_channels), *input_shape[2:])
             padded, _ = time_convolution(padded_weight, stride, padding, padded_input, dtype, memory_format)
             row.update({f"padded_{operation}_ms": padded[operation] for operation in OPERATIONS})
+        if (kh, kw) == (1, 1) and args.channels_last:
+            as_matmul = time_as_matmul(weight_shape, input_shape, dtype)
+            row.update({f"as_matmul_{operation}_ms": as_matmul[operation] for operation in OPERATIONS})
         rows.append(row)
         print(
             f"{network:13s} {str(weight_shape):20s} s{stride[0]} in {str(input_shape):22s} {row['dtype']:8s} "
@@ -178,6 +209,7 @@ def main() -> None:
             "resolution": args.resolution,
             "channels_last": args.channels_last,
             "loss_networks_dtype": str(loss_dtype).removeprefix("torch."),
+            "cudnn_benchmark_limit": args.benchmark_limit,
             "bf16_matmul_tflops": matmul_tflops(),
             "convolutions": rows,
         },
