@@ -314,8 +314,9 @@ class REPAE(pl.LightningModule):
         finite = torch.stack([norm.float() for norm in grad_norms.values()]).isfinite().all()
         logs.update({f"grad_norm_{name}": norm for name, norm in grad_norms.items()})
         logs.update(
-            step=float(self.step + 1),
-            epoch=float(self.current_epoch),
+            # torch.full launches a fill; Lightning would copy a Python float over and wait for the GPU
+            step=torch.full((), float(self.step + 1), device=self.device),
+            epoch=torch.full((), float(self.current_epoch), device=self.device),
             nonfinite_steps=(self.nonfinite_steps + ~finite).float(),
         )
         # Logged before _step_if_finite waits for the GPU, so Lightning's per-metric bookkeeping
@@ -344,7 +345,9 @@ class REPAE(pl.LightningModule):
         reg_loss, reg_logs = self.vae_loss(x, recon, posterior, self.step, mode="generator")
         # Frozen-SiT pass: eval mode (BN running stats, no label dropout), detached parameters.
         self.sit.eval()
-        align = call_with_frozen_parameters(self.sit, z, labels, zs, align_only=True)
+        align = call_with_frozen_parameters(
+            self.sit, z, labels, zs, align_only=True, time_input=self._training_times(z)
+        )
         vae_align_loss = align["proj_loss"]
         vae_loss = reg_loss + self.vae_align_proj_coeff * vae_align_loss
         backward("vae", vae_loss)
@@ -368,6 +371,13 @@ class REPAE(pl.LightningModule):
             **{key: value for key, value in d_logs.items() if key != "discriminator_loss"},
         }
 
+    def _training_times(self, latents: torch.Tensor) -> torch.Tensor:
+        """This step's t [B,1,1,1], drawn on the CPU generator as the official code (seeds match) and
+        copied to the latents' device without waiting: the SiT would draw the same, but inside its
+        compiled graph the copy waits for all queued GPU work, and the GPU then idles while the host
+        catches up."""
+        return self.sit.sample_time(latents.shape[0]).to(latents.device, non_blocking=True)
+
     def _ldm_only_latents(self, batch, images) -> torch.Tensor:
         with torch.no_grad():
             if "latent" in batch:
@@ -378,7 +388,7 @@ class REPAE(pl.LightningModule):
         z = self._ldm_only_latents(batch, images)
         self.sit.train()
         self.sit.bn.eval()  # fixed per-channel normalisation from the latents-stats file
-        out = self.sit(z, labels, zs)
+        out = self.sit(z, labels, zs, time_input=self._training_times(z))
         denoising_loss = out["denoising_loss"].mean()
         sit_loss = denoising_loss + self.proj_coeff * out["proj_loss"]
         backward("sit", sit_loss)

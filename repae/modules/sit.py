@@ -423,7 +423,8 @@ class SiT(nn.Module):
             y: labels [N] (int64).
             zs: encoder features, one [N,T,z_dim] per projector; None or [] gives proj_loss 0.
             align_only: stop after block ``encoder_depth``; no denoising loss.
-            time_input, noises: t [N,1,1,1] and noise [N,C,H,W] to reuse; drawn when None.
+            time_input, noises: t [N,1,1,1] and noise [N,C,H,W] to reuse; drawn when None (t on
+                the CPU generator: on a GPU, pass it in, copied without waiting, as REPAE does).
         Returns a dict with ``denoising_loss`` [N] (None if align_only), ``proj_loss`` (scalar),
         ``zs_tilde`` (list of [N,T,z_dim]), ``model_output`` [N,C,H,W] (None if align_only),
         ``time_input`` [N,1,1,1] and ``noises`` [N,C,H,W].
