@@ -118,7 +118,8 @@ class REPAE(pl.LightningModule):
         max_grad_norm: clip norm, applied separately to each parameter set.
         ema_decay: decay of the SiT EMA.
         max_train_steps: training stops after this many steps (one batch = one step).
-        max_consecutive_nonfinite: this many skipped steps in a row stop the run with an error.
+        max_consecutive_nonfinite: this many skipped steps in a row stop the run with an error
+            (with fused optimizers, checked every that many steps: see ``_step_if_finite``).
         vae_weights_path, latents_stats_path, discriminator_weights_path: pretrained files loaded
             by ``load_pretrained`` when a run starts (not when it resumes).
         sampling: defaults for ``generate`` (mode, num_steps, cfg_scale, guidance interval, ...).
@@ -319,7 +320,7 @@ class REPAE(pl.LightningModule):
             epoch=torch.full((), float(self.current_epoch), device=self.device),
             nonfinite_steps=(self.nonfinite_steps + ~finite).float(),
         )
-        # Logged before _step_if_finite waits for the GPU, so Lightning's per-metric bookkeeping
+        # Logged before _step_if_finite may wait for the GPU, so Lightning's per-metric bookkeeping
         # (several ms of CPU a step) runs while the GPU is still busy with the backward passes.
         shown = ("sit_loss", "vae_loss", "d_loss")
         for prog_bar in (False, True):
@@ -329,8 +330,7 @@ class REPAE(pl.LightningModule):
                 prog_bar=prog_bar,
                 batch_size=images.shape[0],
             )
-        if not self._step_if_finite(finite):
-            torch._foreach_copy_(self.step_buffers, buffers_before)
+        self._step_if_finite(finite, buffers_before)
         self.train_step += 1
         self._step += 1
 
@@ -414,23 +414,52 @@ class REPAE(pl.LightningModule):
             scaler.unscale_(optimizer.optimizer)
         grad_norms[name] = clip_grad_norm_(params, self.max_grad_norm)
 
-    def _step_if_finite(self, finite: torch.Tensor) -> bool:
-        """Step every optimizer and the EMA if ``finite`` (all gradient norms are finite; a bool
-        tensor, read here: the step's one wait for the GPU); otherwise skip all of them together, so
-        the three models stay consistent, and count the skip. Returns whether the step was taken."""
+    @cached_property
+    def skips_on_device(self) -> bool:
+        """Whether a non-finite step is skipped on the GPU, without the host waiting to read the
+        gradient norms: every optimizer is fused (its kernel skips the update when given
+        ``found_inf``, as GradScaler does), no GradScaler (16-mixed) and no FSDP-sharded parameter."""
+        fused = all(
+            optimizer.optimizer.param_groups[0]["fused"]
+            for optimizer, _, _ in self._optimizers_by_name().values()
+        )
+        sharded = any(isinstance(parameter, DTensor) for parameter in self.parameters())
+        return fused and not self.grad_scalers and not sharded
+
+    def _step_if_finite(self, finite: torch.Tensor, buffers_before: list[torch.Tensor]) -> None:
+        """Step every optimizer and the EMA if ``finite`` (a bool tensor: all gradient norms are
+        finite); otherwise skip all of them together, so the three models stay consistent, restore
+        the buffers the forward passes changed to ``buffers_before``, and count the skip.
+
+        With ``skips_on_device`` the host never waits for the GPU here, and it reads the count of
+        consecutive skips only every ``max_consecutive_nonfinite`` steps; otherwise it reads
+        ``finite`` (the step's one wait for the GPU) and the count every step."""
         optimizers = self._optimizers_by_name()
-        finite = bool(finite)
-        if finite:
+        skipped = ~finite
+        if self.skips_on_device:
+            restored = [
+                torch.where(finite, now, before)
+                for now, before in zip(self.step_buffers, buffers_before, strict=True)
+            ]
+            torch._foreach_copy_(self.step_buffers, restored)
+            for optimizer, _, _ in optimizers.values():
+                optimizer.optimizer.found_inf = skipped.float()
+                optimizer.step()
+                del optimizer.optimizer.found_inf
+            update_ema(self.ema, self.sit, self.ema_decay, where=finite)
+        elif bool(finite):
             for optimizer, _, _ in optimizers.values():
                 optimizer.step()
             update_ema(self.ema, self.sit, self.ema_decay)
-            self.consecutive_nonfinite = 0
         else:
-            self.nonfinite_steps += 1
-            self.consecutive_nonfinite += 1
-            if self.consecutive_nonfinite >= self.max_consecutive_nonfinite:
+            torch._foreach_copy_(self.step_buffers, buffers_before)
+        self.nonfinite_steps += skipped
+        self.consecutive_nonfinite = (self.consecutive_nonfinite + 1) * skipped
+        if not self.skips_on_device or (self.step + 1) % self.max_consecutive_nonfinite == 0:
+            consecutive = int(self.consecutive_nonfinite)
+            if consecutive >= self.max_consecutive_nonfinite:
                 raise FloatingPointError(
-                    f"{self.consecutive_nonfinite} consecutive steps with non-finite losses or gradients "
+                    f"{consecutive} consecutive steps with non-finite losses or gradients "
                     f"(last at step {self.step + 1}); stopping. Resume from the last checkpoint, "
                     "e.g. with a lower learning rate or bf16 instead of 16-mixed precision."
                 )
@@ -438,7 +467,6 @@ class REPAE(pl.LightningModule):
             optimizer.zero_grad(set_to_none=True)  # free the gradients before the next step's passes
             if scaler:
                 scaler.update()
-        return finite
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.step >= self.max_train_steps:

@@ -279,8 +279,15 @@ def record_state_around_steps(monkeypatch) -> dict[int, tuple[dict, dict]]:
     return states
 
 
-def test_a_nan_loss_skips_all_three_updates_and_the_ema_and_is_counted(tiny_config, monkeypatch):
-    cfg = tiny_config(*QUIET)
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        pytest.param("model.optimizer.fused=false", id="host-reads-finiteness"),
+        pytest.param("model.optimizer.fused=true", id="fused-skips-on-device"),
+    ],
+)
+def test_a_nan_loss_skips_all_three_updates_and_the_ema_and_is_counted(tiny_config, monkeypatch, optimizer):
+    cfg = tiny_config(*QUIET, optimizer)
     nan_vae_loss_at(monkeypatch, {2})
     states = record_state_around_steps(monkeypatch)
     train(cfg)
@@ -298,6 +305,16 @@ def test_a_nan_loss_skips_all_three_updates_and_the_ema_and_is_counted(tiny_conf
     assert np.isnan(float(rows[2]["vae_loss"])) and all(np.isfinite(float(rows[3][key])) for key in LOSSES)
     checkpoint = load_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
     assert (checkpoint["state_dict"]["train_step"], checkpoint["state_dict"]["nonfinite_steps"]) == (3, 1)
+
+
+def test_with_fused_optimizers_too_many_nonfinite_steps_in_a_row_still_stop_the_run(tiny_config, monkeypatch):
+    # the GPU skips the steps; the host reads the count of consecutive skips every 2 steps here
+    cfg = tiny_config(
+        *QUIET, "model.optimizer.fused=true", "model.max_consecutive_nonfinite=2", "model.max_train_steps=6"
+    )
+    nan_vae_loss_at(monkeypatch, {3, 4, 5, 6})
+    with pytest.raises(FloatingPointError, match=r"^2 consecutive steps .*\(last at step 4\)"):
+        train(cfg)
 
 
 def test_nan_latents_in_one_step_do_not_poison_later_steps(tiny_config, monkeypatch):

@@ -148,8 +148,9 @@ def test_training_logs_official_metric_names_and_stops_at_max_train_steps(tiny_c
     } <= set(checkpoint["state_dict"])
 
 
-def test_ema_follows_its_formula(tiny_config):
-    cfg = tiny_config("model.ema_decay=0.5", "model.max_train_steps=1")
+@pytest.mark.parametrize("fused", ["false", "true"])  # true: the EMA update decided on the device
+def test_ema_follows_its_formula(tiny_config, fused):
+    cfg = tiny_config("model.ema_decay=0.5", "model.max_train_steps=1", f"model.optimizer.fused={fused}")
     model = build(cfg)
     initial = {k: v.clone() for k, v in model.sit.state_dict().items()}
     assert all(torch.equal(initial[k], v) for k, v in model.ema.state_dict().items())

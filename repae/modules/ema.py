@@ -23,13 +23,17 @@ def local_shard(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, where: torch.Tensor | None = None) -> None:
     """ema <- decay * ema + (1 - decay) * model, for parameters and floating-point buffers.
 
     As in the official ``update_ema``, floating-point buffers (the SiT's BatchNorm running mean and
     variance) are averaged too, so sampling and E2E-VAE latent statistics come from the EMA;
     integer buffers (``num_batches_tracked``) are copied. ``decay=0`` copies ``model`` exactly.
     One fused ``_foreach_lerp_`` over all tensors instead of a Python loop of small kernels.
+
+    ``where``: a bool scalar tensor; False leaves the EMA as it is. Decided on the device, so the
+    host never waits to read it, at the cost of one lerp kernel per tensor instead of one fused
+    kernel. Integer buffers are copied either way (the caller restores the model's on a skip).
     """
     ema_tensors, model_tensors = [], []
     for (name, ema_t), (model_name, model_t) in zip(
@@ -45,7 +49,10 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
             model_tensors.append(local_shard(model_t.detach()).to(ema_t.dtype))
         else:
             ema_t.copy_(model_t)
-    if decay == 0:
+    if where is not None:
+        weights = {dtype: (where * (1.0 - decay)).to(dtype) for dtype in {t.dtype for t in ema_tensors}}
+        torch._foreach_lerp_(ema_tensors, model_tensors, [weights[t.dtype] for t in ema_tensors])
+    elif decay == 0:
         torch._foreach_copy_(ema_tensors, model_tensors)
     else:
         torch._foreach_lerp_(ema_tensors, model_tensors, 1.0 - decay)
