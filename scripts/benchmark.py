@@ -156,7 +156,12 @@ def kernel_report(profiler: torch.profiler.profile, gaps: int = 15, rows: int = 
     kernel family (all kernels), idle time by gap length and over the window (``slices`` equal
     parts), the longest idle gaps with the kernels around them, and the ``rows`` costliest kernels."""
     kernels = sorted(
-        (event for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA),
+        (
+            event
+            for event in profiler.events()
+            # GPU-side spans of host annotations (e.g. "Optimizer.step#AdamW.step") are not kernels
+            if event.device_type == torch.autograd.DeviceType.CUDA and not event.is_user_annotation
+        ),
         key=lambda event: event.time_range.start,
     )
     first = kernels[0].time_range.start
