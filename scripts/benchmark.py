@@ -131,12 +131,14 @@ class StepTimer(pl.Callback):
             self._profiler = None
 
 
+# First match wins: inductor names Triton kernels after the ops they fuse (..._convolution_...),
+# cuDNN names its attention kernels cudnn_..._sdpa_..._flash_...
 KERNEL_FAMILIES = {
+    "Triton (inductor-fused element-wise, norms, reductions)": ("triton",),
+    "attention": ("sdpa", "fmha", "flash", "attention"),
     "convolution (cuDNN)": ("xmma", "implicit_gemm", "conv", "cudnn", "nchwToNhwc", "nhwcToNchw"),
-    "attention": ("fmha", "flash", "attention"),
     "matmul (cuBLAS)": ("nvjet", "gemm", "cutlass", "cublas"),
     "optimizer and EMA (multi_tensor_apply)": ("multi_tensor_apply",),
-    "Triton (inductor-fused element-wise, norms, reductions)": ("triton",),
     "ATen element-wise and reductions": ("elementwise", "reduce_kernel", "vectorized"),
     "memory copies and fills": ("memcpy", "memset", "copy", "fill"),
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from matplotlib.figure import Figure
 
@@ -17,6 +18,10 @@ class LossCurveCallback(Callback):
     stored against ``pl_module.step``. The plot (one panel per key, shared step axis) is written under
     the run directory by rank 0 every ``every_n_steps`` iterations and at train end. The history is
     part of the callback's ``state_dict``, so a resumed run continues the same curve.
+
+    The values stay on their device until the curve is written: reading one on the host waits for the
+    GPU, which the training step otherwise never does, so they are converted to floats in one read
+    every ``every_n_steps`` iterations (and whenever ``history`` is read, e.g. by ``state_dict``).
     """
 
     def __init__(
@@ -30,16 +35,31 @@ class LossCurveCallback(Callback):
         self.keys = list(keys)
         self.filename = filename
         self.every_n_steps = every_n_steps
-        self.history: dict[str, dict[str, list]] = {key: {"steps": [], "values": []} for key in self.keys}
+        self._history: dict[str, dict[str, list]] = {key: {"steps": [], "values": []} for key in self.keys}
+        # Recorded but not yet read: (step, keys, their values stacked into one device tensor) per batch.
+        self._pending: list[tuple[int, list[str], torch.Tensor]] = []
+
+    @property
+    def history(self) -> dict[str, dict[str, list]]:
+        """``{key: {"steps": [...], "values": [...]}}`` in Python numbers; reading it waits for the GPU
+        once to convert the values recorded since the last read."""
+        if self._pending:
+            values = torch.cat([stacked for _, _, stacked in self._pending]).tolist()
+            recorded = ((step, key) for step, keys, _ in self._pending for key in keys)
+            for (step, key), value in zip(recorded, values, strict=True):
+                series = self._history.setdefault(key, {"steps": [], "values": []})
+                series["steps"].append(step)
+                series["values"].append(value)
+            self._pending = []
+        return self._history
 
     def _record(self, metrics: dict, step: int) -> None:
-        for key in self.keys:
-            value = metrics.get(key, metrics.get(f"{key}_step"))
-            if value is None:
-                continue
-            series = self.history.setdefault(key, {"steps": [], "values": []})
-            series["steps"].append(step)
-            series["values"].append(float(value))
+        logged = {key: metrics.get(key, metrics.get(f"{key}_step")) for key in self.keys}
+        logged = {key: value for key, value in logged.items() if value is not None}
+        if logged:
+            # torch.stack copies the values (a later step cannot change them) and, like float(), keeps
+            # each value exact (mixed dtypes are promoted to the widest).
+            self._pending.append((step, list(logged), torch.stack([torch.as_tensor(v).detach() for v in logged.values()])))
 
     def plot(self, path: str) -> None:
         """Write the recorded curves to ``path`` (PNG); keys with no values are left out."""
@@ -58,6 +78,7 @@ class LossCurveCallback(Callback):
 
     def _write(self, trainer: Trainer) -> None:
         directory = run_dir(trainer)
+        history = self.history  # on every rank, so that the values pending on the device stay few
         if trainer.is_global_zero:
             self.plot(os.path.join(directory, self.filename))
 
@@ -81,7 +102,8 @@ class LossCurveCallback(Callback):
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.history = {
+        self._pending = []
+        self._history = {
             key: {"steps": list(s["steps"]), "values": list(s["values"])}
             for key, s in state_dict["history"].items()
         }
