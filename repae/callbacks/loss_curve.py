@@ -20,8 +20,8 @@ class LossCurveCallback(Callback):
     part of the callback's ``state_dict``, so a resumed run continues the same curve.
 
     The values stay on their device until the curve is written: reading one on the host waits for the
-    GPU, which the training step otherwise never does, so they are converted to floats in one read
-    every ``every_n_steps`` iterations (and whenever ``history`` is read, e.g. by ``state_dict``).
+    GPU, which the training step otherwise never does. They are read in one go every
+    ``every_n_steps`` iterations, at train end, and whenever ``history`` is read (``state_dict`` too).
     """
 
     def __init__(
@@ -36,38 +36,44 @@ class LossCurveCallback(Callback):
         self.filename = filename
         self.every_n_steps = every_n_steps
         self._history: dict[str, dict[str, list]] = {key: {"steps": [], "values": []} for key in self.keys}
-        # Recorded but not yet read: (step, keys, their values stacked into one device tensor) per batch.
+        # Recorded, not yet read: per batch, its step, the keys logged and their values in one tensor.
         self._pending: list[tuple[int, list[str], torch.Tensor]] = []
 
     @property
     def history(self) -> dict[str, dict[str, list]]:
-        """``{key: {"steps": [...], "values": [...]}}`` in Python numbers; reading it waits for the GPU
-        once to convert the values recorded since the last read."""
-        if self._pending:
-            values = torch.cat([stacked for _, _, stacked in self._pending]).tolist()
-            recorded = ((step, key) for step, keys, _ in self._pending for key in keys)
-            for (step, key), value in zip(recorded, values, strict=True):
-                series = self._history.setdefault(key, {"steps": [], "values": []})
-                series["steps"].append(step)
-                series["values"].append(value)
-            self._pending = []
+        """``{key: {"steps": [...], "values": [...]}}`` of Python numbers, up to the last recorded step."""
+        self._read_pending()
         return self._history
+
+    def _read_pending(self) -> None:
+        """Move the pending values into the history as floats: one wait for the GPU."""
+        if not self._pending:
+            return
+        values = torch.cat([stacked for _, _, stacked in self._pending]).tolist()
+        recorded = [(step, key) for step, keys, _ in self._pending for key in keys]
+        for (step, key), value in zip(recorded, values, strict=True):
+            series = self._history.setdefault(key, {"steps": [], "values": []})
+            series["steps"].append(step)
+            series["values"].append(value)
+        self._pending = []
 
     def _record(self, metrics: dict, step: int) -> None:
         logged = {key: metrics.get(key, metrics.get(f"{key}_step")) for key in self.keys}
         logged = {key: value for key, value in logged.items() if value is not None}
         if logged:
-            # torch.stack copies the values (a later step cannot change them) and, like float(), keeps
-            # each value exact (mixed dtypes are promoted to the widest).
-            self._pending.append((step, list(logged), torch.stack([torch.as_tensor(v).detach() for v in logged.values()])))
+            # A copy, so later steps cannot change it; mixed dtypes are promoted, so every value
+            # reads back as the float(value) it would give now.
+            stacked = torch.stack([value.detach() for value in logged.values()])
+            self._pending.append((step, list(logged), stacked))
 
     def plot(self, path: str) -> None:
         """Write the recorded curves to ``path`` (PNG); keys with no values are left out."""
-        recorded = [key for key in self.keys if self.history.get(key, {}).get("steps")]
+        history = self.history
+        recorded = [key for key in self.keys if history.get(key, {}).get("steps")]
         figure = Figure(figsize=(7, 2.2 * max(len(recorded), 1)), layout="constrained")
         axes = figure.subplots(max(len(recorded), 1), 1, sharex=True, squeeze=False)[:, 0]
         for ax, key in zip(axes, recorded, strict=False):  # one empty panel when nothing was logged
-            ax.plot(self.history[key]["steps"], self.history[key]["values"], linewidth=1)
+            ax.plot(history[key]["steps"], history[key]["values"], linewidth=1)
             ax.set_ylabel(key)
             ax.grid(alpha=0.3)
         axes[-1].set_xlabel("step")
@@ -78,7 +84,7 @@ class LossCurveCallback(Callback):
 
     def _write(self, trainer: Trainer) -> None:
         directory = run_dir(trainer)
-        history = self.history  # on every rank, so that the values pending on the device stay few
+        self._read_pending()  # on every rank, so that the values kept on the device stay few
         if trainer.is_global_zero:
             self.plot(os.path.join(directory, self.filename))
 
