@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from repae.callbacks.loss_curve import LossCurveCallback
+from repae.callbacks.progress import ProgressBar
 from repae.callbacks.sampling import DistributionMetricCallback, ImageGridCallback, images_to_uint8
 from repae.metrics import load_reference_statistics
 
@@ -64,7 +66,7 @@ class RandomImages(LightningDataModule):
         return DataLoader(TensorDataset(self.images, self.labels), batch_size=8)
 
 
-def make_trainer(tmp_path, callbacks, max_steps):
+def make_trainer(tmp_path, callbacks, max_steps, enable_progress_bar=False):
     return Trainer(
         accelerator="cpu",
         max_steps=max_steps,
@@ -73,7 +75,7 @@ def make_trainer(tmp_path, callbacks, max_steps):
         default_root_dir=str(tmp_path),
         log_every_n_steps=50,
         enable_checkpointing=False,
-        enable_progress_bar=False,
+        enable_progress_bar=enable_progress_bar,
         enable_model_summary=False,
     )
 
@@ -297,3 +299,72 @@ def test_loss_curve_is_plotted_and_its_history_survives_resume(tmp_path):
     restored = LossCurveCallback(keys=("sit_loss",))
     restored.load_state_dict(resumed_curve.state_dict())
     assert restored.history == resumed_curve.history
+
+
+def count_host_reads(monkeypatch) -> list[str]:
+    """Record every ``item()``, ``tolist()`` and ``float()`` of a tensor from now on: the host reads
+    that would wait for the GPU."""
+    reads = []
+    for name in ("item", "tolist", "__float__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda tensor, o=original, n=name: reads.append(n) or o(tensor)
+        )
+    return reads
+
+
+def test_the_loss_curve_reads_the_logged_values_only_when_it_writes(tmp_path, monkeypatch):
+    batches = [  # what the module logged at steps 1 to 5; no d_loss at step 2, a bf16 d_loss from step 3
+        {"sit_loss": torch.tensor(1 / 3), "d_loss_step": torch.tensor(0.7)},
+        {"sit_loss": torch.tensor(0.25)},
+        {"sit_loss": torch.tensor(1 / 7), "d_loss_step": torch.tensor(0.9, dtype=torch.bfloat16)},
+        {"sit_loss": torch.tensor(0.125), "d_loss_step": torch.tensor(1.1, dtype=torch.bfloat16)},
+        {"sit_loss": torch.tensor(1 / 9), "d_loss_step": torch.tensor(1.3, dtype=torch.bfloat16)},
+    ]
+    expected = {
+        key: {
+            "steps": [step for step, logged in enumerate(batches, 1) if f"{key}{suffix}" in logged],
+            "values": [float(logged[f"{key}{suffix}"]) for logged in batches if f"{key}{suffix}" in logged],
+        }
+        for key, suffix in (("sit_loss", ""), ("d_loss", "_step"))
+    }
+    curve = LossCurveCallback(keys=("sit_loss", "d_loss"), every_n_steps=3)
+    trainer = SimpleNamespace(default_root_dir=str(tmp_path), is_global_zero=True)
+    reads = count_host_reads(monkeypatch)
+    for step, logged in enumerate(batches, 1):
+        trainer.callback_metrics = logged
+        curve.on_train_batch_end(trainer, SimpleNamespace(step=step), None, None, step - 1)
+        for value in logged.values():
+            value.add_(100)  # the module's tensors may change after the batch: the recorded values may not
+        assert reads == ([] if step < 3 else ["tolist"])  # one read for steps 1-3, when the curve is written
+    assert os.path.exists(tmp_path / "loss_curve.png")
+
+    state = curve.state_dict()  # steps 4 and 5, in one more read
+    assert reads == ["tolist", "tolist"]
+    assert state["history"] == expected and curve.history == expected
+    assert all(type(value) is float for series in state["history"].values() for value in series["values"])
+
+
+def test_the_progress_bar_reads_its_metrics_every_n_batches_and_outside_training(tmp_path, monkeypatch):
+    reads = []  # per read of Lightning's progress-bar metrics: the training batches run by then
+
+    def lightning_metrics(bar, trainer, pl_module):
+        reads.append(trainer.fit_loop.epoch_loop.total_batch_idx + 1)
+        return {"v_num": 0}
+
+    monkeypatch.setattr(RichProgressBar, "get_metrics", lightning_metrics)
+    calls = []
+    get_metrics = ProgressBar.get_metrics
+    monkeypatch.setattr(ProgressBar, "get_metrics", lambda *args: calls.append(1) or get_metrics(*args))
+    bar = ProgressBar(metrics_every_n_steps=3, keys=["sit_loss", "proj_loss"])
+    trainer = make_trainer(tmp_path, [bar], max_steps=7, enable_progress_bar=True)
+    trainer.fit(StubREPAE(), datamodule=RandomImages())
+    assert len(calls) == 8  # asked at each of the 7 batches and at epoch end...
+    assert reads == [1, 3, 6]  # ...read at the first call, then every 3 batches
+
+    # Outside training every call reads; the keys come from callback_metrics (proj_loss was not logged).
+    assert bar.get_metrics(trainer, trainer.lightning_module) == {
+        "v_num": 0,
+        "sit_loss": pytest.approx(0.8**12),
+    }
+    assert reads == [1, 3, 6, 7]

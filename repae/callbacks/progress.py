@@ -17,13 +17,15 @@ class ProgressBar(RichProgressBar):
     batches ``metrics_every_n_steps``, ``2 * metrics_every_n_steps``, ... (where Lightning logs with
     the same ``log_every_n_steps``, so the two reads share one wait) and at every call outside training.
 
-    Besides Lightning's progress-bar metrics, it shows ``keys`` from ``trainer.callback_metrics``.
-    Those are device tensors, while Lightning converts every metric logged with ``prog_bar=True`` to
-    a float itself at every batch, so a value logged without ``prog_bar`` and named in ``keys`` is
-    the way to show it without the training loop waiting for the GPU at every batch.
+    Besides Lightning's progress-bar metrics it shows ``keys`` from ``trainer.callback_metrics``:
+    Lightning itself converts every metric logged with ``prog_bar=True`` to a float at every batch
+    (when it collects the batch's metrics), so a metric shown without that wait must be logged
+    without ``prog_bar`` and named in ``keys``.
     """
 
-    def __init__(self, metrics_every_n_steps: int = 50, keys: tuple[str, ...] | list[str] = (), **kwargs: Any):
+    def __init__(
+        self, metrics_every_n_steps: int = 50, keys: tuple[str, ...] | list[str] = (), **kwargs: Any
+    ):
         if metrics_every_n_steps <= 0:
             raise ValueError(f"metrics_every_n_steps must be positive, got {metrics_every_n_steps}")
         super().__init__(**kwargs)
