@@ -321,15 +321,10 @@ class REPAE(pl.LightningModule):
             nonfinite_steps=(self.nonfinite_steps + ~finite).float(),
         )
         # Logged before _step_if_finite may wait for the GPU, so Lightning's per-metric bookkeeping
-        # (several ms of CPU a step) runs while the GPU is still busy with the backward passes.
-        shown = ("sit_loss", "vae_loss", "d_loss")
-        for prog_bar in (False, True):
-            self.log_dict(
-                {key: value for key, value in logs.items() if (key in shown) == prog_bar},
-                on_step=True,
-                prog_bar=prog_bar,
-                batch_size=images.shape[0],
-            )
+        # (several ms of CPU a step) runs while the GPU is still busy with the backward passes. Not
+        # prog_bar: Lightning reads those on the host after every batch, waiting for the GPU; the
+        # progress bar (repae.callbacks.progress.ProgressBar) shows the losses every few steps.
+        self.log_dict(logs, on_step=True, batch_size=images.shape[0])
         self._step_if_finite(finite, buffers_before)
         self.train_step += 1
         self._step += 1
