@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from repae.module import REPAE  # noqa: E402
 from repae.modules.sit import SiT  # noqa: E402
 from repae.modules.vae import DiagonalGaussianDistribution  # noqa: E402
 from repae.train import train  # noqa: E402
@@ -26,9 +27,12 @@ from conftest import compose_config  # noqa: E402
 original_forward = SiT.forward
 
 
+def per_sample_times(self, latents):
+    return (latents.detach().flatten(1).sum(1).abs() * 7.31 % 1).view(-1, 1, 1, 1)
+
+
 def per_sample_forward(self, x, y, zs=None, align_only=False, time_input=None, noises=None):
-    if time_input is None:
-        time_input = (x.detach().flatten(1).sum(1).abs() * 7.31 % 1).view(-1, 1, 1, 1)
+    if noises is None:
         noises = torch.sin(x.detach() * 13.7 + 1.0)
     return original_forward(self, x, y, zs, align_only=align_only, time_input=time_input, noises=noises)
 
@@ -58,6 +62,7 @@ class SaveWeightsPerRank(pl.Callback):
 
 
 if __name__ == "__main__":
+    REPAE._training_times = per_sample_times  # the step draws t and hands it to the SiT
     SiT.forward = per_sample_forward
     DiagonalGaussianDistribution.sample = lambda self, generator=None: self.mean
     run_dir = Path(sys.argv[1])
