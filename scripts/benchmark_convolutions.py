@@ -3,7 +3,7 @@ input gradient (dgrad) and weight gradient (wgrad), with the rate each reaches.
 
     python scripts/benchmark_convolutions.py --vae f8d4 --channels-last
 
-Convolutions are 54 % of the compiled REPA-E step's GPU time; this shows which of them run far
+Convolutions are about half of the compiled REPA-E step's GPU time; this shows which of them run far
 below the card's matrix rate. A convolution whose input or output channels are not a multiple
 of 8 is also timed with its channels zero-padded to the next multiple of 8 (`padded_*` columns),
 the remedy when cuDNN has no fast kernel for the odd count (the RGB convolutions), and a 1x1
@@ -14,18 +14,17 @@ or in bf16 with --loss-networks-bf16 (`model.loss.autocast_networks=true`).
 
 from __future__ import annotations
 
-import argparse
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from benchmark import matmul_tflops, report
+from benchmark_vae import vae_argument_parser
 from torch import nn
 
 from repae.modules.discriminator import NLayerDiscriminator
 from repae.modules.perceptual import LPIPS
-from repae.modules.vae import VAE_CONFIGS, build_vae
+from repae.modules.vae import build_vae
 
 OPERATIONS = ("forward", "dgrad", "wgrad")
 
@@ -125,15 +124,7 @@ def padded_to_8(channels: int) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--vae", default="f8d4", choices=sorted(VAE_CONFIGS), help="VAE config (default: f8d4)"
-    )
-    parser.add_argument("--batch-size", type=int, default=32, help="images (default: 32)")
-    parser.add_argument("--resolution", type=int, default=256, help="image size (default: 256)")
-    parser.add_argument("--channels-last", action="store_true", help="NHWC operands (model.channels_last)")
+    parser = vae_argument_parser(__doc__)
     parser.add_argument(
         "--loss-networks-bf16", action="store_true", help="LPIPS and the discriminator in bf16"
     )
@@ -144,7 +135,6 @@ def main() -> None:
         help="cuDNN algorithms tried per convolution in benchmark mode; 0 tries all "
         f"(default: torch's, {torch.backends.cudnn.benchmark_limit})",
     )
-    parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
     torch.backends.cudnn.benchmark = True

@@ -20,20 +20,28 @@ from benchmark import matmul_tflops, report
 from repae.modules.vae import VAE_CONFIGS, build_vae
 
 
-def main() -> None:
+def vae_argument_parser(description: str) -> argparse.ArgumentParser:
+    """The options of every VAE benchmark: --vae, --batch-size, --resolution, --channels-last, --output."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--vae", default="f8d4", choices=sorted(VAE_CONFIGS), help="VAE config (default: f8d4)"
     )
     parser.add_argument("--batch-size", type=int, default=32, help="images (default: 32)")
     parser.add_argument("--resolution", type=int, default=256, help="image size (default: 256)")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="NHWC images and operands (model.channels_last)"
+    )
+    parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
+    return parser
+
+
+def main() -> None:
+    parser = vae_argument_parser(__doc__)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps (default: 3)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the VAE")
-    parser.add_argument("--channels-last", action="store_true", help="VAE and images in channels_last")
-    parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
     torch.backends.cudnn.benchmark = True
