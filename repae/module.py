@@ -442,15 +442,20 @@ class REPAE(pl.LightningModule):
                 optimizer.step()
                 del optimizer.optimizer.found_inf
             update_ema(self.ema, self.sit, self.ema_decay, where=finite)
-        elif bool(finite):
-            for optimizer, _, _ in optimizers.values():
-                optimizer.step()
-            update_ema(self.ema, self.sit, self.ema_decay)
+            self.consecutive_nonfinite = (self.consecutive_nonfinite + 1) * skipped  # a tensor
+            check = (self.step + 1) % self.max_consecutive_nonfinite == 0
         else:
-            torch._foreach_copy_(self.step_buffers, buffers_before)
+            step_taken = bool(finite)
+            if step_taken:
+                for optimizer, _, _ in optimizers.values():
+                    optimizer.step()
+                update_ema(self.ema, self.sit, self.ema_decay)
+            else:
+                torch._foreach_copy_(self.step_buffers, buffers_before)
+            self.consecutive_nonfinite = 0 if step_taken else self.consecutive_nonfinite + 1
+            check = True
         self.nonfinite_steps += skipped
-        self.consecutive_nonfinite = (self.consecutive_nonfinite + 1) * skipped
-        if not self.skips_on_device or (self.step + 1) % self.max_consecutive_nonfinite == 0:
+        if check:
             consecutive = int(self.consecutive_nonfinite)
             if consecutive >= self.max_consecutive_nonfinite:
                 raise FloatingPointError(
