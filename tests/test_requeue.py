@@ -34,7 +34,8 @@ def test_signal_checkpoints_requeues_and_the_rerun_continues_identically(tiny_co
     cfg.paths.output_dir = str(tmp_path / "preempted")
     with open_dict(cfg):
         cfg.callbacks.requeue.requeue_command = ["touch", f"{marker}_{{job_id}}"]
-        cfg.callbacks.signal = {"_target_": "test_requeue.SignalAtStep", "step": 2}
+        cfg.callbacks.requeue.every_n_steps = 2  # the signal in step 1 is acted on after step 2
+        cfg.callbacks.signal = {"_target_": "test_requeue.SignalAtStep", "step": 1}
     train(cfg)
     checkpoint = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["state_dict"]["train_step"] == 2

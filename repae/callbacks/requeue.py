@@ -9,6 +9,8 @@ import subprocess
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from repae.callbacks.sampling import current_step
+
 
 class RequeueOnSignal(Callback):
     """On ``signal_name`` (SLURM sends it with ``#SBATCH --signal=USR1@120`` before the time limit
@@ -21,11 +23,19 @@ class RequeueOnSignal(Callback):
     the checkpoint is written between steps, once every rank has seen the flag. Use it with
     ``SLURMEnvironment(auto_requeue=False)`` so the two handlers don't both act, and with
     ``StepCheckpoint`` (whose ``save`` writes the checkpoint).
+
+    The ranks compare their flags after every ``every_n_steps``-th step only: under DDP/FSDP that
+    is an all-reduce whose result the host must wait for, which would otherwise stall every step.
     """
 
-    def __init__(self, signal_name: str = "SIGUSR1", requeue_command: list[str] | None = None):
+    def __init__(
+        self, signal_name: str = "SIGUSR1", requeue_command: list[str] | None = None, every_n_steps: int = 1
+    ):
+        if every_n_steps <= 0:
+            raise ValueError(f"every_n_steps must be positive, got {every_n_steps}")
         self.signal_number = getattr(signal, signal_name)
         self.requeue_command = requeue_command or ["scontrol", "requeue", "{job_id}"]
+        self.every_n_steps = every_n_steps
         self.requested = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -35,6 +45,8 @@ class RequeueOnSignal(Callback):
         self.requested = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        if current_step(pl_module) % self.every_n_steps:
+            return
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
         trainer.checkpoint_callback.save(trainer)
