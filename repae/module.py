@@ -437,8 +437,9 @@ class REPAE(pl.LightningModule):
                 for now, before in zip(self.step_buffers, buffers_before, strict=True)
             ]
             torch._foreach_copy_(self.step_buffers, restored)
+            found_inf = skipped.float()
             for optimizer, _, _ in optimizers.values():
-                optimizer.optimizer.found_inf = skipped.float()
+                optimizer.optimizer.found_inf = found_inf
                 optimizer.step()
                 del optimizer.optimizer.found_inf
             update_ema(self.ema, self.sit, self.ema_decay, where=finite)

@@ -182,10 +182,10 @@ def main() -> None:
             f"{network:13s} {str(weight_shape):20s} s{stride[0]} in {str(input_shape):22s} {row['dtype']:8s} "
             + "  ".join(
                 f"{operation} {times[operation]:6.3f} ms {row[f'{operation}_tflops']:5.0f} TF/s"
-                + (
-                    f" (padded {row[f'padded_{operation}_ms']:6.3f})"
-                    if f"padded_{operation}_ms" in row
-                    else ""
+                + "".join(
+                    f" ({variant} {row[f'{variant}_{operation}_ms']:6.3f})"
+                    for variant in ("padded", "as_matmul")
+                    if f"{variant}_{operation}_ms" in row
                 )
                 for operation in OPERATIONS
             ),

@@ -7,6 +7,8 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 
+from repae.callbacks.sampling import current_step
+
 
 class ProgressBar(RichProgressBar):
     """``RichProgressBar`` whose metrics are read every ``metrics_every_n_steps`` training batches.
@@ -34,10 +36,8 @@ class ProgressBar(RichProgressBar):
         self._metrics: dict | None = None
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict:
-        read = self._metrics is None or not trainer.training
-        # total_batch_idx: the index of the batch that just ran, counted across epochs and resumes
-        read = read or (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % self.metrics_every_n_steps == 0
-        if read:
+        first_or_outside_training = self._metrics is None or not trainer.training
+        if first_or_outside_training or current_step(pl_module) % self.metrics_every_n_steps == 0:
             logged = trainer.callback_metrics
             shown = {key: float(logged[key]) for key in self.keys if key in logged}
             self._metrics = {**super().get_metrics(trainer, pl_module), **shown}

@@ -78,8 +78,9 @@ class VAERegularizationLoss(nn.Module):
 
     Defaults are those of `configs/l1_lpips_kl_gan.yaml`. Everything runs in float32 with autocast
     disabled, as in the official code, unless `autocast_networks` lets the perceptual network and
-    the discriminator run under the caller's autocast (the loss arithmetic stays float32). The discriminator stays in whatever mode the caller sets;
-    the official code never switches it to eval, so its BatchNorm uses batch statistics.
+    the discriminator run under the caller's autocast (the loss arithmetic stays float32). The
+    discriminator stays in whatever mode the caller sets; the official code never switches it to
+    eval, so its BatchNorm uses batch statistics.
 
     Generator mode (the VAE update):
         L = w_rec * rec / exp(logvar) + w_perc * mean_b P(x, x_hat) + w_kl * sum_b KL_b / B
