@@ -16,7 +16,7 @@ from repae.modules.vae import (
     build_vae,
     group_norm_channels_last,
     load_vae_weights,
-    upsample_nearest_2x,
+    upsample_conv3x3,
 )
 
 
@@ -281,18 +281,36 @@ def test_group_norm_keeps_the_torch_state_dict_keys():
 @pytest.mark.parametrize(
     "memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"]
 )
-def test_upsample_equals_nearest_interpolation_in_the_input_layout(memory_format):
-    x = torch.randn(2, 8, 5, 7).contiguous(memory_format=memory_format)
-    grad_output = torch.randn(2, 8, 10, 14)
+def test_upsampling_convolution_equals_nearest_interpolation_then_conv3x3(memory_format):
+    torch.manual_seed(0)
+    weight = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 4, 5, 7, dtype=torch.float64).contiguous(memory_format=memory_format)
+    grad_output = torch.randn(2, 6, 10, 14, dtype=torch.float64)
 
-    expected, (expected_grad,) = values_and_gradients(
-        lambda t: F.interpolate(t, scale_factor=2.0, mode="nearest"), x, grad_output
+    def reference(t):
+        return F.conv2d(F.interpolate(t, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+
+    expected, expected_grads = values_and_gradients(reference, x, grad_output, [weight, bias])
+    out, grads = values_and_gradients(
+        lambda t: upsample_conv3x3(t, weight, bias), x, grad_output, [weight, bias]
     )
-    out, (grad,) = values_and_gradients(upsample_nearest_2x, x, grad_output)
 
-    assert torch.equal(out, expected)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     assert out.is_contiguous(memory_format=memory_format)
-    torch.testing.assert_close(grad, expected_grad)
+    for found, reference_grad in zip(grads, expected_grads, strict=True):  # input, weight, bias
+        torch.testing.assert_close(found, reference_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_upsampling_convolution_under_autocast_stays_within_bf16_rounding_of_float32():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(2, 8, 6, 6)
+    expected = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = upsample_conv3x3(x, conv.weight, conv.bias)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
 
 
 def test_tiny_vae_gives_the_same_reconstructions_and_gradients_in_channels_last():
