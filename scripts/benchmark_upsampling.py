@@ -1,0 +1,122 @@
+"""Time the VAE decoder's upsampling convolutions (nearest x2, then conv3x3) in three forms, compiled,
+forward + input and weight gradients, at the shapes the decoder runs them:
+
+    python scripts/benchmark_upsampling.py --vae f8d4 --channels-last
+
+- ``upsample_then_conv3x3``: the upsampled copy, then the 3x3 convolution (the model's definition;
+  the upsampling is the broadcast the VAE used before, whose compiled backward is a sum);
+- ``subpixel``: one 2x2 convolution of the input with 4x the output channels, one per output
+  parity, interleaved afterwards (16 taps per input pixel instead of 36);
+- ``transposed`` (what ``repae.modules.vae.upsample_conv3x3`` runs): a stride-2 transposed
+  convolution with a 4x4 kernel of summed taps, which writes the interleaved output itself.
+
+Random weights, bf16 autocast; each form's largest difference to the first is reported too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from benchmark import report
+from benchmark_convolutions import time_ms
+from benchmark_vae import vae_argument_parser
+from torch import Tensor
+
+from repae.modules.vae import Upsample, build_vae, is_channels_last, upsample_conv3x3
+
+# Parity (even/odd output row) -> its two input rows' sums of the 3x3 kernel's rows.
+PARITY_TAPS = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+
+
+def upsample_then_conv3x3(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    b, c, h, w = x.shape
+    copies = x.permute(0, 2, 3, 1)[:, :, None, :, None].expand(b, h, 2, w, 2, c)
+    upsampled = copies.reshape(b, 2 * h, 2 * w, c).permute(0, 3, 1, 2)  # channels_last, as x
+    if not is_channels_last(x):
+        upsampled = upsampled.contiguous()
+    return F.conv2d(upsampled, weight, bias, padding=1)
+
+
+def subpixel(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    b, c, h, w = x.shape
+    out_channels = weight.shape[0]
+    with torch.autocast("cuda", enabled=False):
+        taps = weight.new_tensor(PARITY_TAPS)
+        parity_weight = torch.einsum("ary,bsx,ocyx->abocrs", taps, taps, weight)
+    memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    parity_weight = parity_weight.reshape(4 * out_channels, c, 2, 2).contiguous(memory_format=memory_format)
+    parities = F.conv2d(x, parity_weight, bias.repeat(4), padding=1).unflatten(1, (2, 2, out_channels))
+    rows = [
+        torch.stack([parities[:, a, col, :, a : a + h, col : col + w] for col in (0, 1)], dim=-1)
+        for a in (0, 1)
+    ]
+    out = torch.stack(rows, dim=3).reshape(b, out_channels, 2 * h, 2 * w)
+    return out.contiguous(memory_format=memory_format)
+
+
+FORMS = {"upsample_then_conv3x3": upsample_then_conv3x3, "subpixel": subpixel, "transposed": upsample_conv3x3}
+
+
+def upsampling_inputs(vae_name: str, batch_size: int, resolution: int) -> list[tuple[int, ...]]:
+    """The input shape [B, C, H, W] of each of the decoder's Upsample modules."""
+    vae = build_vae(vae_name)
+    shapes = []
+    hooks = [
+        module.register_forward_hook(lambda _module, args, _out: shapes.append(tuple(args[0].shape)))
+        for module in vae.modules()
+        if isinstance(module, Upsample)
+    ]
+    latent = vae.encode(torch.zeros(1, 3, resolution, resolution)).mode()
+    with torch.no_grad():
+        vae.decode(latent)
+    for hook in hooks:
+        hook.remove()
+    return [(batch_size, *shape[1:]) for shape in shapes]
+
+
+def time_form(form, x: Tensor, weight: Tensor, bias: Tensor, grad: Tensor) -> tuple[float, Tensor]:
+    """Milliseconds of the compiled form's forward and backward, and its output (float32)."""
+    compiled = torch.compile(form, dynamic=False)
+
+    def step() -> Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = compiled(x, weight, bias)
+        out.backward(grad)
+        return out.detach().float()
+
+    out = step()
+    return time_ms(step), out
+
+
+def main() -> None:
+    args = vae_argument_parser(__doc__).parse_args()
+    torch.backends.cudnn.benchmark = True
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    results = {"device": torch.cuda.get_device_name(), "vae": args.vae, "batch_size": args.batch_size}
+    results["channels_last"], results["shapes"] = args.channels_last, {}
+    with torch.no_grad():
+        shapes = upsampling_inputs(args.vae, args.batch_size, args.resolution)
+    for shape in shapes:
+        b, c, h, w = shape
+        torch.manual_seed(0)
+        x = torch.randn(shape, device="cuda").contiguous(memory_format=memory_format).requires_grad_()
+        weight = 0.02 * torch.randn(c, c, 3, 3, device="cuda")
+        weight = weight.contiguous(memory_format=memory_format).requires_grad_()
+        bias = torch.zeros(c, device="cuda", requires_grad=True)
+        grad = torch.randn(b, c, 2 * h, 2 * w, device="cuda", dtype=torch.bfloat16)
+        grad = grad.contiguous(memory_format=memory_format)
+        timings, reference = {}, None
+        for name, form in FORMS.items():
+            milliseconds, out = time_form(form, x, weight, bias, grad)
+            reference = out if reference is None else reference
+            timings[name] = {
+                "forward_backward_ms": milliseconds,
+                "max_abs_difference": (out - reference).abs().max().item(),
+            }
+        results["shapes"]["x".join(map(str, shape))] = timings
+        print(shape, timings, flush=True)
+    report(results, args.output)
+
+
+if __name__ == "__main__":
+    main()
