@@ -10,6 +10,9 @@ the remedy when cuDNN has no fast kernel for the odd count (the RGB convolutions
 convolution on NHWC operands also as the matmul it is (`as_matmul_*` columns). Random
 weights; the VAE in bf16, the loss networks in float32 with TF32 as the official code runs them,
 or in bf16 with --loss-networks-bf16 (`model.loss.autocast_networks=true`).
+The decoder's upsampling convolutions are not among them: they run as transposed convolutions
+with the `Upsample` modules' weights (not through `nn.Conv2d`); scripts/benchmark_upsampling.py
+times those.
 """
 
 from __future__ import annotations
