@@ -305,13 +305,12 @@ class REPAE(pl.LightningModule):
         images, labels = batch["image"], batch["label"]
         self.check_batch(images)
         buffers_before = [buffer.clone() for buffer in self.step_buffers]
-        zs = self.encode_features(images)
         grad_norms: dict[str, torch.Tensor] = {}
         backward = partial(self._backward, grad_norms=grad_norms)
         if self.mode == "e2e":
-            logs = self._e2e_losses(images, labels, zs, backward)
+            logs = self._e2e_losses(images, labels, backward)
         else:
-            logs = self._ldm_only_losses(batch, images, labels, zs, backward)
+            logs = self._ldm_only_losses(batch, images, labels, backward)
         finite = torch.stack([norm.float() for norm in grad_norms.values()]).isfinite().all()
         logs.update({f"grad_norm_{name}": norm for name, norm in grad_norms.items()})
         logs.update(
@@ -330,13 +329,17 @@ class REPAE(pl.LightningModule):
         self._step += 1
 
     def _e2e_losses(
-        self, images, labels, zs, backward: Callable[[str, torch.Tensor], None]
+        self, images, labels, backward: Callable[[str, torch.Tensor], None]
     ) -> dict[str, torch.Tensor]:
         """The three losses of an end-to-end step, each handed to ``backward(name, loss)`` as soon as
         it is formed, so only one pass's activations are alive at a time. Returns the logs."""
         x = self.vae_input(images)
         self.vae.train()
         posterior, z, recon = self.vae(x)
+        # The encoders' features after the VAE's forward is queued: their many small kernels are
+        # then launched while the GPU runs the VAE's large ones, instead of at the step start,
+        # where the GPU would wait for the host to launch them.
+        zs = self.encode_features(images)
         reg_loss, reg_logs = self.vae_loss(x, recon, posterior, self.step, mode="generator")
         # Frozen-SiT pass: eval mode (BN running stats, no label dropout), detached parameters.
         self.sit.eval()
@@ -379,8 +382,9 @@ class REPAE(pl.LightningModule):
                 return DiagonalGaussianDistribution.from_mean_std(batch["latent"].float()).sample()
             return self.vae.encode(self.vae_input(images)).sample()
 
-    def _ldm_only_losses(self, batch, images, labels, zs, backward) -> dict[str, torch.Tensor]:
+    def _ldm_only_losses(self, batch, images, labels, backward) -> dict[str, torch.Tensor]:
         z = self._ldm_only_latents(batch, images)
+        zs = self.encode_features(images)  # after the VAE's encoder, as in _e2e_losses
         self.sit.train()
         self.sit.bn.eval()  # fixed per-channel normalisation from the latents-stats file
         out = self.sit(z, labels, zs, time_input=self._training_times(z))

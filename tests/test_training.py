@@ -98,12 +98,12 @@ def test_sit_and_vae_passes_share_time_and_noise_and_differ_in_bn_mode(tiny_conf
 
 def test_bn_running_stats_move_only_in_the_sit_pass(tiny_config, monkeypatch):
     model = build(tiny_config())
-    images, labels, zs = _inputs(model)
+    images, labels = _inputs(model)
     stats = []
     model.sit.bn.register_forward_hook(
         lambda module, *_: stats.append((module.training, module.num_batches_tracked.item()))
     )
-    model._e2e_losses(images, labels, zs, backward_only(None))
+    model._e2e_losses(images, labels, backward_only(None))
     assert stats == [(False, 0), (True, 1)]
 
 
@@ -219,7 +219,7 @@ def test_unknown_mode_is_rejected(tiny_config):
 def _inputs(model):
     batch = a_batch()
     model.train()
-    return batch["image"], batch["label"], model.encode_features(batch["image"])
+    return batch["image"], batch["label"]
 
 
 def test_image_size_that_does_not_fit_the_vae_and_sit_is_a_clear_error(tiny_config):
