@@ -9,10 +9,10 @@ LPIPS trunk, VAE and discriminator files are not needed) and the data are random
 so the numbers measure the step, not the data pipeline. The step runs through the real Trainer and
 LightningModule. FLOPs per image are counted once with torch's FlopCounterMode on one step (matmuls,
 convolutions and attention, forward and backward) of the model as defined: the VAE's upsampling
-convolutions count as 3x3 convolutions on the upsampled grid, as the official code runs them, though
-``upsample_conv3x3`` computes them with 2.25x fewer FLOPs (model FLOPs, not executed ones); MFU divides the achieved FLOP/s by the bf16
-matrix rate of an 8192^3 matmul measured on the same card in the same run, so results compare across
-H100 and H200. Results go to stdout and, with --output, to a JSON file.
+convolutions count as 3x3 convolutions on the upsampled grid, as the official code runs them,
+though ``upsample_conv3x3`` computes them with 2.25x fewer FLOPs (model FLOPs, not executed ones).
+MFU divides the achieved FLOP/s by the bf16 matrix rate of an 8192^3 matmul measured on the same
+card in the same run, so results compare across H100 and H200. Results go to stdout and, with --output, to a JSON file.
 """
 
 from __future__ import annotations
@@ -77,9 +77,14 @@ class RandomImages(Dataset):
 
 
 def upsample_then_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """What ``vae_module.upsample_conv3x3`` computes, the way the model defines it: the FLOPs are
-    counted on this."""
-    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+    """What ``vae_module.upsample_conv3x3`` computes, the way the model defines it (nearest x2 as a
+    broadcast copy in x's memory format, then the 3x3 convolution): the FLOPs are counted on this."""
+    b, c, h, w = x.shape
+    copies = x.permute(0, 2, 3, 1)[:, :, None, :, None].expand(b, h, 2, w, 2, c)
+    upsampled = copies.reshape(b, 2 * h, 2 * w, c).permute(0, 3, 1, 2)  # channels_last
+    if not vae_module.is_channels_last(x):
+        upsampled = upsampled.contiguous()
+    return F.conv2d(upsampled, weight, bias, padding=1)
 
 
 class StepTimer(pl.Callback):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from benchmark import report
+from benchmark import report, upsample_then_conv3x3
 from benchmark_convolutions import time_ms
 from benchmark_vae import vae_argument_parser
 from torch import Tensor
@@ -26,15 +26,6 @@ from repae.modules.vae import Upsample, build_vae, is_channels_last, upsample_co
 
 # Parity (even/odd output row) -> its two input rows' sums of the 3x3 kernel's rows.
 PARITY_TAPS = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
-
-
-def upsample_then_conv3x3(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    b, c, h, w = x.shape
-    copies = x.permute(0, 2, 3, 1)[:, :, None, :, None].expand(b, h, 2, w, 2, c)
-    upsampled = copies.reshape(b, 2 * h, 2 * w, c).permute(0, 3, 1, 2)  # channels_last, as x
-    if not is_channels_last(x):
-        upsampled = upsampled.contiguous()
-    return F.conv2d(upsampled, weight, bias, padding=1)
 
 
 def subpixel(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
