@@ -41,7 +41,7 @@ def test_flops_count_the_upsampling_as_the_model_defines_it_not_as_it_runs():
         as_defined = decoder(latents)
 
     # A 3x3 convolution on the upsampled grid: 36 multiply-adds per input pixel and channel pair;
-    # the transposed convolution does 16 (the einsum forming its kernel is left out of this count).
+    # the transposed convolution does 16.
     saved = sum(2 * b * c * c * (36 - 16) * h * w for b, c, h, w in upsampling_inputs)
     assert upsampling_inputs
     assert convolution_flops(counted) - convolution_flops(executed) == saved
