@@ -22,18 +22,26 @@ from benchmark_convolutions import time_ms
 from benchmark_vae import vae_argument_parser
 from torch import Tensor
 
-from repae.modules.vae import Upsample, build_vae, is_channels_last, upsample_conv3x3
+from repae.modules.vae import (
+    Upsample,
+    build_vae,
+    is_channels_last,
+    upsample_conv3x3,
+    upsampled_kernel_taps,
+)
 
-# Parity (even/odd output row) -> its two input rows' sums of the 3x3 kernel's rows.
-PARITY_TAPS = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+# Output parity (even/odd row) -> the two of the transposed kernel's four taps it uses: row 2i
+# reads input rows (i-1, i) with taps (K3, K1), row 2i+1 rows (i, i+1) with (K2, K0).
+PARITY_TAPS = ((3, 1), (2, 0))
 
 
 def subpixel(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     b, c, h, w = x.shape
     out_channels = weight.shape[0]
-    with torch.autocast("cuda", enabled=False):
-        taps = weight.new_tensor(PARITY_TAPS)
-        parity_weight = torch.einsum("ary,bsx,ocyx->abocrs", taps, taps, weight)
+    kernel = upsampled_kernel_taps(upsampled_kernel_taps(weight, 2), 3)  # [O, C, 4, 4]
+    taps = torch.tensor(PARITY_TAPS, device=weight.device)
+    # [O, C, 2 (row parity), 2, 2 (column parity), 2] -> [row parity, column parity, O, C, 2, 2]
+    parity_weight = kernel[:, :, taps][..., taps].permute(2, 4, 0, 1, 3, 5)
     memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     parity_weight = parity_weight.reshape(4 * out_channels, c, 2, 2).contiguous(memory_format=memory_format)
     parities = F.conv2d(x, parity_weight, bias.repeat(4), padding=1).unflatten(1, (2, 2, out_channels))
