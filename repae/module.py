@@ -312,12 +312,13 @@ class REPAE(pl.LightningModule):
         else:
             logs = self._ldm_only_losses(batch, images, labels, backward)
         finite = torch.stack([norm.float() for norm in grad_norms.values()]).isfinite().all()
+        self.nonfinite_steps += ~finite  # counted before the logs are formed, which report it
         logs.update({f"grad_norm_{name}": norm for name, norm in grad_norms.items()})
         logs.update(
             # torch.full launches a fill; Lightning would copy a Python float over and wait for the GPU
             step=torch.full((), float(self.step + 1), device=self.device),
             epoch=torch.full((), float(self.current_epoch), device=self.device),
-            nonfinite_steps=(self.nonfinite_steps + ~finite).float(),
+            nonfinite_steps=self.nonfinite_steps.float(),
         )
         # Logged before _step_if_finite may wait for the GPU, so Lightning's per-metric bookkeeping
         # (several ms of CPU a step) runs while the GPU is still busy with the backward passes. Not
@@ -428,7 +429,8 @@ class REPAE(pl.LightningModule):
     def _step_if_finite(self, finite: torch.Tensor, buffers_before: list[torch.Tensor]) -> None:
         """Step every optimizer and the EMA if ``finite`` (a bool tensor: all gradient norms are
         finite); otherwise skip all of them together, so the three models stay consistent, restore
-        the buffers the forward passes changed to ``buffers_before``, and count the skip.
+        the buffers the forward passes changed to ``buffers_before``, and count the skips in a row
+        (``training_step`` counts the skips in all).
 
         With ``skips_on_device`` the host never waits for the GPU here, and it reads the count of
         consecutive skips only every ``max_consecutive_nonfinite`` steps; otherwise it reads
@@ -459,7 +461,6 @@ class REPAE(pl.LightningModule):
                 torch._foreach_copy_(self.step_buffers, buffers_before)
             self.consecutive_nonfinite = 0 if step_taken else self.consecutive_nonfinite + 1
             check = True
-        self.nonfinite_steps += skipped
         if check:
             consecutive = int(self.consecutive_nonfinite)
             if consecutive >= self.max_consecutive_nonfinite:

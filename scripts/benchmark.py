@@ -12,7 +12,8 @@ convolutions and attention, forward and backward) of the model as defined: the V
 convolutions count as 3x3 convolutions on the upsampled grid, as the official code runs them,
 though ``upsample_conv3x3`` computes them with 2.25x fewer FLOPs (model FLOPs, not executed ones).
 MFU divides the achieved FLOP/s by the bf16 matrix rate of an 8192^3 matmul measured on the same
-card in the same run, so results compare across H100 and H200. Results go to stdout and, with --output, to a JSON file.
+card in the same run, so results compare across H100 and H200. Results go to stdout and, with
+--output, to a JSON file.
 """
 
 from __future__ import annotations
