@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from matplotlib.figure import Figure
 
-from repae.callbacks.sampling import current_step, run_dir
+from repae.callbacks.run import current_step, run_dir
 
 
 class LossCurveCallback(Callback):

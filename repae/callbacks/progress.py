@@ -7,7 +7,7 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 
-from repae.callbacks.sampling import current_step
+from repae.callbacks.run import current_step
 
 
 class ProgressBar(RichProgressBar):

@@ -9,7 +9,7 @@ import subprocess
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from repae.callbacks.sampling import current_step
+from repae.callbacks.run import current_step
 
 
 class RequeueOnSignal(Callback):

@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 from torchvision.utils import make_grid
 
+from repae.callbacks.run import current_step, run_dir
 from repae.metrics import (
     EfficientNetFeatures,
     FeatureStatistics,
@@ -35,16 +36,6 @@ from repae.metrics import (
 
 REFERENCE_STATS_CONFIG_KEY = "callbacks.fid.reference_stats_path"
 REFERENCE_IMAGES_CONFIG_KEY = "callbacks.fid.reference_from_datamodule_images"
-
-
-def current_step(pl_module: LightningModule) -> int:
-    """The REPA-E iteration counter (a Python int or a 0-d buffer on the module)."""
-    return int(pl_module.step)
-
-
-def run_dir(trainer: Trainer) -> str:
-    """Where run artefacts (sample grids, loss curve) go: the run directory, next to checkpoints/."""
-    return trainer.default_root_dir
 
 
 def _with_generator(sampler_kwargs: dict, seed: int, device: torch.device) -> dict:

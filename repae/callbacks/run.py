@@ -1,0 +1,16 @@
+"""What the training callbacks share about the run: its step counter and its directory."""
+
+from __future__ import annotations
+
+from lightning.pytorch import LightningModule, Trainer
+
+
+def current_step(pl_module: LightningModule) -> int:
+    """The REPA-E iteration counter (one per batch), never ``trainer.global_step``, which counts the
+    three optimizer steps of each batch."""
+    return int(pl_module.step)
+
+
+def run_dir(trainer: Trainer) -> str:
+    """Where run artefacts (sample grids, loss curve) go: the run directory, next to checkpoints/."""
+    return trainer.default_root_dir
