@@ -93,14 +93,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` that also takes FSDP-sharded parameters: their norm is
+def gradient_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """The L2 norm of all of ``params``' gradients together. For FSDP-sharded parameters it is
     assembled from every rank's shard, so all ranks clip alike and agree on finiteness."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def clip_divisor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What to divide gradients of total norm ``norm`` by to clip them as
+    ``torch.nn.utils.clip_grads_with_norm_`` does: 1 when the norm is within ``max_norm``."""
+    return ((norm + 1e-6) / max_norm).clamp(min=1.0)
 
 
 class REPAE(pl.LightningModule):
@@ -325,7 +328,7 @@ class REPAE(pl.LightningModule):
         # prog_bar: Lightning reads those on the host after every batch, waiting for the GPU; the
         # progress bar (repae.callbacks.progress.ProgressBar) shows the losses every few steps.
         self.log_dict(logs, on_step=True, batch_size=images.shape[0])
-        self._step_if_finite(finite, buffers_before)
+        self._step_if_finite(finite, buffers_before, grad_norms)
         self.train_step += 1
         self._step += 1
 
@@ -406,13 +409,14 @@ class REPAE(pl.LightningModule):
         }
 
     def _backward(self, name: str, loss: torch.Tensor, grad_norms: dict[str, torch.Tensor]) -> None:
-        """Backpropagate ``loss`` into parameter set ``name`` and clip its (unscaled) gradients."""
+        """Backpropagate ``loss`` into parameter set ``name`` and record the norm of its (unscaled)
+        gradients; ``_step_if_finite`` clips them to ``max_grad_norm`` with it."""
         optimizer, params, scaler = self._optimizers_by_name()[name]
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(scaler.scale(loss) if scaler else loss)
         if scaler:
             scaler.unscale_(optimizer.optimizer)
-        grad_norms[name] = clip_grad_norm_(params, self.max_grad_norm)
+        grad_norms[name] = gradient_norm(params)
 
     @cached_property
     def skips_on_device(self) -> bool:
@@ -426,10 +430,13 @@ class REPAE(pl.LightningModule):
         sharded = any(isinstance(parameter, DTensor) for parameter in self.parameters())
         return fused and not self.grad_scalers and not sharded
 
-    def _step_if_finite(self, finite: torch.Tensor, buffers_before: list[torch.Tensor]) -> None:
-        """Step every optimizer and the EMA if ``finite`` (a bool tensor: all gradient norms are
-        finite); otherwise skip all of them together, so the three models stay consistent, restore
-        the buffers the forward passes changed to ``buffers_before``, and count the skips in a row
+    def _step_if_finite(
+        self, finite: torch.Tensor, buffers_before: list[torch.Tensor], grad_norms: dict[str, torch.Tensor]
+    ) -> None:
+        """Step every optimizer, with its gradients clipped to ``max_grad_norm`` by their norm in
+        ``grad_norms``, and the EMA if ``finite`` (a bool tensor: all gradient norms are finite);
+        otherwise skip all of them together, so the three models stay consistent, restore the
+        buffers the forward passes changed to ``buffers_before``, and count the skips in a row
         (``training_step`` counts the skips in all).
 
         With ``skips_on_device`` the host never waits for the GPU here, and it reads the count of
@@ -444,17 +451,21 @@ class REPAE(pl.LightningModule):
             ]
             torch._foreach_copy_(self.step_buffers, restored)
             found_inf = skipped.float()
-            for optimizer, _, _ in optimizers.values():
+            for name, (optimizer, _, _) in optimizers.items():
+                # Fused AdamW divides the gradients by grad_scale as it reads them (the hook GradScaler
+                # uses), so clipping costs no pass over the gradients of its own.
                 optimizer.optimizer.found_inf = found_inf
+                optimizer.optimizer.grad_scale = clip_divisor(grad_norms[name], self.max_grad_norm)
                 optimizer.step()
-                del optimizer.optimizer.found_inf
+                del optimizer.optimizer.found_inf, optimizer.optimizer.grad_scale
             update_ema(self.ema, self.sit, self.ema_decay, where=finite)
             self.consecutive_nonfinite = (self.consecutive_nonfinite + 1) * skipped  # a tensor
             check = (self.step + 1) % self.max_consecutive_nonfinite == 0
         else:
             step_taken = bool(finite)
             if step_taken:
-                for optimizer, _, _ in optimizers.values():
+                for name, (optimizer, params, _) in optimizers.items():
+                    torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, grad_norms[name])
                     optimizer.step()
                 update_ema(self.ema, self.sit, self.ema_decay)
             else:

@@ -164,6 +164,24 @@ def test_ema_follows_its_formula(tiny_config, fused):
             torch.testing.assert_close(ema_value, expected, msg=key)
 
 
+@pytest.mark.parametrize("fused", ["false", "true"])  # true: clipped inside fused AdamW (grad_scale)
+def test_each_parameter_set_is_updated_with_gradients_clipped_to_max_grad_norm(tiny_config, fused):
+    max_norm = 1e-3  # far below the gradient norms of an untrained model
+    cfg = tiny_config("model.max_train_steps=1", f"model.max_grad_norm={max_norm}", f"model.optimizer.fused={fused}")
+    model = build(cfg)
+    from repae.train import instantiate_dict
+
+    trainer = instantiate(cfg.trainer, callbacks=instantiate_dict(cfg.callbacks), logger=False)
+    trainer.fit(model, datamodule=instantiate(cfg.data))
+    beta1 = cfg.model.optimizer.adam_beta1
+    for name, optimizer in zip(["sit", "vae", "disc"], model.optimizers(), strict=True):
+        assert trainer.callback_metrics[f"grad_norm_{name}"] > 10 * max_norm  # logged before clipping
+        # After one step AdamW's first moment is (1 - beta1) times the gradient it was given.
+        first_moments = [state["exp_avg"] for state in optimizer.optimizer.state.values()]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(m) for m in first_moments]))
+        torch.testing.assert_close(norm, torch.tensor((1 - beta1) * max_norm), rtol=1e-3, atol=0, msg=name)
+
+
 def test_resume_continues_with_identical_losses(tiny_config, tmp_path):
     straight = tiny_config("model.max_train_steps=4")
     train(straight)

@@ -234,6 +234,28 @@ def test_channels_last_group_norm_equals_torch_and_stays_channels_last():
         torch.testing.assert_close(found, reference, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"])
+def test_group_norm_of_an_input_bias_equals_the_group_norm_of_the_biased_input(memory_format):
+    """ResnetBlock hands conv1's bias to norm2 instead of adding it to conv1's output."""
+    torch.manual_seed(0)
+    norm = GroupNorm(num_groups=32, num_channels=64)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    input_bias = 2 * torch.randn(64, requires_grad=True)  # different per channel of one group
+    x = (3 * torch.randn(2, 64, 5, 7) + 1).contiguous(memory_format=memory_format)
+    grad_output = torch.randn(2, 64, 5, 7)
+    parameters = [norm.weight, norm.bias, input_bias]
+
+    expected, expected_grads = values_and_gradients(
+        lambda t: F.group_norm(t + input_bias[:, None, None], 32, norm.weight, norm.bias, norm.eps),
+        x, grad_output, parameters,
+    )
+    out, grads = values_and_gradients(lambda t: norm(t, input_bias=input_bias), x, grad_output, parameters)
+
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for found, reference in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(found, reference, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "shape, memory_format, takes_nhwc_path",
     [

@@ -76,7 +76,9 @@ def at_least_float32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def group_norm_channels_last(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+def group_norm_channels_last(
+    x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float, input_bias: Tensor | None = None
+) -> Tensor:
     """``F.group_norm`` for a channels_last [B, C, H, W] tensor, returned channels_last.
 
     On CUDA, ``F.group_norm`` (and inductor's decomposition of it) views the input as [B, G, -1],
@@ -87,6 +89,10 @@ def group_norm_channels_last(x: Tensor, num_groups: int, weight: Tensor, bias: T
     that torch.compile fuses with the SiLU and the cast feeding the next convolution. Computed in
     at least float32; returned in float32 under CUDA autocast (which runs group_norm in float32),
     otherwise in x's dtype, as ``F.group_norm``.
+
+    ``input_bias`` [C]: normalise ``x + input_bias`` (per channel) without materialising the sum.
+    The convolution that produced x leaves its bias to this function, which saves a read and a
+    write of the activation: a per-channel constant moves the channel means, not their variances.
     """
     b, c, h, w = x.shape
     x_float = at_least_float32(x)  # one copy for both uses, so eager autograd saves it once
@@ -94,11 +100,13 @@ def group_norm_channels_last(x: Tensor, num_groups: int, weight: Tensor, bias: T
     channel_var, channel_mean = torch.var_mean(
         x_float.permute(0, 2, 3, 1).reshape(b, h * w, c), dim=1, correction=0
     )
+    input_bias = torch.zeros((), dtype=dtype, device=x.device) if input_bias is None else input_bias.to(dtype)
+    channel_mean = channel_mean + input_bias
     channel_var, channel_mean = channel_var.view(b, num_groups, -1), channel_mean.view(b, num_groups, -1)
     mean = channel_mean.mean(dim=2, keepdim=True)
     var = channel_var.mean(dim=2, keepdim=True) + channel_mean.var(dim=2, correction=0, keepdim=True)
     scale = (torch.rsqrt(var + eps) * weight.to(dtype).view(num_groups, -1)).view(b, c)
-    shift = bias.to(dtype) - (mean * scale.view(b, num_groups, -1)).view(b, c)
+    shift = bias.to(dtype) + input_bias * scale - (mean * scale.view(b, num_groups, -1)).view(b, c)
     out = torch.addcmul(shift[:, :, None, None], x_float, scale[:, :, None, None])
     return out if x.is_cuda and torch.is_autocast_enabled("cuda") else out.to(x.dtype)
 
@@ -106,11 +114,14 @@ def group_norm_channels_last(x: Tensor, num_groups: int, weight: Tensor, bias: T
 class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` (same parameters and state-dict keys), [B, C, *] -> same, that keeps a
     channels_last [B, C, H, W] input channels_last (``group_norm_channels_last``, affine only);
-    any other input goes to ``F.group_norm``."""
+    any other input goes to ``F.group_norm``. ``input_bias`` [C]: normalise x plus this per-channel
+    bias (that of the convolution that produced x)."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, input_bias: Tensor | None = None) -> Tensor:
         if self.affine and is_channels_last(x):
-            return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
+            return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps, input_bias)
+        if input_bias is not None:
+            x = x + input_bias.view(-1, *[1] * (x.dim() - 2))
         return super().forward(x)
 
 
@@ -140,8 +151,10 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(self.dropout(swish(self.norm2(h))))
+        # conv1's bias is added inside norm2, which never materialises conv1(x) + bias: one pass
+        # less over the activation (see group_norm_channels_last).
+        h = F.conv2d(swish(self.norm1(x)), self.conv1.weight, None, padding=1)
+        h = self.conv2(self.dropout(swish(self.norm2(h, input_bias=self.conv1.bias))))
         if hasattr(self, "nin_shortcut"):
             x = self.nin_shortcut(x)
         return x + h
