@@ -56,6 +56,12 @@ def direct_encoding(data: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return posterior.mean, posterior.std
 
 
+def assert_same_encoding(latents: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """``latents`` are [mean; std] up to float32 rounding: the cache encodes in other batches than
+    ``direct_encoding``, and CPU convolutions sum in an order that depends on the batch size."""
+    torch.testing.assert_close(latents, torch.cat([mean, std], dim=1), rtol=1e-5, atol=1e-6)
+
+
 def cached(data: Path) -> tuple[torch.Tensor, list[int], list[str]]:
     dataset = CachedLatents(str(data), "tiny")
     latents = torch.stack([dataset[i]["latent"] for i in range(len(dataset))])
@@ -66,7 +72,7 @@ def test_cached_latents_equal_a_direct_vae_encode_and_stats_are_their_moments(da
     cache_latents(cache_config(data, "latents_stats=true"))
     latents, labels, listing = cached(data)
     mean, std = direct_encoding(data)
-    torch.testing.assert_close(latents, torch.cat([mean, std], dim=1), rtol=0, atol=1e-6)
+    assert_same_encoding(latents, mean, std)
     assert latents.dtype == torch.float32 and latents.shape == (NUM_IMAGES, 8, 8, 8)
     assert labels == list(range(NUM_IMAGES))
     assert listing == [f"00000/img-mean-std-0000000{i}.npy" for i in range(NUM_IMAGES)] + ["dataset.json"]
@@ -94,7 +100,7 @@ def test_two_processes_encode_every_image_exactly_once(data):
     latents, labels, listing = cached(data)
     assert len(listing) == len(set(listing)) == NUM_IMAGES + 1
     mean, std = direct_encoding(data)
-    torch.testing.assert_close(latents, torch.cat([mean, std], dim=1), rtol=0, atol=1e-6)
+    assert_same_encoding(latents, mean, std)
     assert labels == list(range(NUM_IMAGES))
 
 
@@ -142,7 +148,7 @@ def test_an_interrupted_run_encodes_only_the_remaining_images(data, monkeypatch)
     assert encoded == [4, 5, 6]
     latents, labels, _ = cached(data)
     mean, std = direct_encoding(data)
-    torch.testing.assert_close(latents, torch.cat([mean, std], dim=1), rtol=0, atol=1e-6)
+    assert_same_encoding(latents, mean, std)
 
 
 def test_resuming_with_another_vae_is_refused(data):

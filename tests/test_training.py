@@ -167,7 +167,9 @@ def test_ema_follows_its_formula(tiny_config, fused):
 @pytest.mark.parametrize("fused", ["false", "true"])  # true: clipped inside fused AdamW (grad_scale)
 def test_each_parameter_set_is_updated_with_gradients_clipped_to_max_grad_norm(tiny_config, fused):
     max_norm = 1e-3  # far below the gradient norms of an untrained model
-    cfg = tiny_config("model.max_train_steps=1", f"model.max_grad_norm={max_norm}", f"model.optimizer.fused={fused}")
+    cfg = tiny_config(
+        "model.max_train_steps=1", f"model.max_grad_norm={max_norm}", f"model.optimizer.fused={fused}"
+    )
     model = build(cfg)
     from repae.train import instantiate_dict
 

@@ -234,7 +234,9 @@ def test_channels_last_group_norm_equals_torch_and_stays_channels_last():
         torch.testing.assert_close(found, reference, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize(
+    "memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"]
+)
 def test_group_norm_of_an_input_bias_equals_the_group_norm_of_the_biased_input(memory_format):
     """ResnetBlock hands conv1's bias to norm2 instead of adding it to conv1's output."""
     torch.manual_seed(0)
@@ -247,7 +249,9 @@ def test_group_norm_of_an_input_bias_equals_the_group_norm_of_the_biased_input(m
 
     expected, expected_grads = values_and_gradients(
         lambda t: F.group_norm(t + input_bias[:, None, None], 32, norm.weight, norm.bias, norm.eps),
-        x, grad_output, parameters,
+        x,
+        grad_output,
+        parameters,
     )
     out, grads = values_and_gradients(lambda t: norm(t, input_bias=input_bias), x, grad_output, parameters)
 
