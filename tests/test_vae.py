@@ -13,6 +13,7 @@ from repae.modules.vae import (
     AutoencoderKL,
     DiagonalGaussianDistribution,
     GroupNorm,
+    ResnetBlock,
     build_vae,
     group_norm_channels_last,
     load_vae_weights,
@@ -258,6 +259,27 @@ def test_group_norm_of_an_input_bias_equals_the_group_norm_of_the_biased_input(m
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for found, reference in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(found, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"]
+)
+def test_resnet_block_computes_the_compvis_block_with_every_bias(memory_format):
+    torch.manual_seed(0)
+    block = ResnetBlock(64, 96)
+    for parameter in block.parameters():  # non-zero biases and non-trivial norm affines
+        torch.nn.init.normal_(parameter, std=0.1)
+    x = torch.randn(2, 64, 6, 5)
+
+    def norm_swish(t, norm):
+        return F.silu(F.group_norm(t, 32, norm.weight, norm.bias, norm.eps))
+
+    h = F.conv2d(norm_swish(x, block.norm1), block.conv1.weight, block.conv1.bias, padding=1)
+    h = F.conv2d(norm_swish(h, block.norm2), block.conv2.weight, block.conv2.bias, padding=1)
+    expected = F.conv2d(x, block.nin_shortcut.weight, block.nin_shortcut.bias) + h
+
+    out = block.to(memory_format=memory_format)(x.contiguous(memory_format=memory_format))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
