@@ -82,6 +82,21 @@ def test_lpips_official_range_is_the_double_normalisation(lpips_correct, lpips_o
     assert not torch.allclose(lpips_official(x, y), lpips_correct(x, y))
 
 
+@pytest.mark.parametrize(
+    "memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"]
+)
+def test_lpips_equals_the_lpips_package_values_and_gradients(vgg_weights_file, memory_format):
+    """The linear heads run as weighted channel sums instead of the package's 1x1 convolutions."""
+    model = LPIPS(vgg_weights_file, input_range="official").to(memory_format=memory_format)
+    x, y = (t.contiguous(memory_format=memory_format).requires_grad_() for t in image_pair())
+    ours = model(x, y)
+    (grad_ours,) = torch.autograd.grad(ours.sum(), y)
+    package = model.lpips(2 * x - 1, 2 * y - 1).flatten()  # the official double scaling, by hand
+    (grad_package,) = torch.autograd.grad(package.sum(), y)
+    torch.testing.assert_close(ours, package, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad_ours, grad_package, rtol=1e-5, atol=1e-7)
+
+
 def test_lpips_is_zero_for_identical_and_positive_for_different_images(lpips_correct):
     x, y = image_pair()
     assert torch.equal(lpips_correct(x, x), torch.zeros(2))

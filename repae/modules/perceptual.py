@@ -88,10 +88,24 @@ class LPIPS(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x, y: [B, 3, H, W] in [-1, 1] -> [B] distances."""
+        """x, y: [B, 3, H, W] in [-1, 1] -> [B] distances.
+
+        ``lpips.LPIPS.forward`` (version 0.1, not spatial), except that each layer's linear head, a
+        1x1 convolution to one channel, is the weighted channel sum it computes: as a convolution,
+        cuDNN copied every [B, C, H, W] feature difference to NCHW in channels_last runs (~1.5 ms a
+        step for 32 images at 256 px), and as a sum torch.compile never writes the difference out.
+        """
         if self.input_range == "official":
             x, y = x * 2 - 1, y * 2 - 1
-        return self.lpips(x, y).flatten()
+        net = self.lpips
+        distance = 0.0
+        for features_x, features_y, head in zip(
+            net.net(net.scaling_layer(x)), net.net(net.scaling_layer(y)), net.lins, strict=True
+        ):
+            difference = (lpips.normalize_tensor(features_x) - lpips.normalize_tensor(features_y)) ** 2
+            weight = head.model[-1].weight  # [1, C, 1, 1]; the head's dropout is off in eval mode
+            distance = distance + (difference * weight).sum(dim=1).mean(dim=(1, 2))
+        return distance
 
 
 class EfficientNetPerceptual(nn.Module):
