@@ -213,26 +213,31 @@ def values_and_gradients(function, x: torch.Tensor, grad_output: torch.Tensor, p
     return out, grads
 
 
+def assert_same_values_and_gradients(found, expected, x, grad_output, parameters, tolerance=1e-5):
+    """``found(x)`` equals ``expected(x)``, and so do the gradients of x and ``parameters``; returns
+    ``found(x)``."""
+    reference, reference_grads = values_and_gradients(expected, x, grad_output, parameters)
+    out, grads = values_and_gradients(found, x, grad_output, parameters)
+    torch.testing.assert_close(out, reference, atol=tolerance, rtol=tolerance)
+    for grad, reference_grad in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(grad, reference_grad, atol=tolerance, rtol=tolerance)
+    return out
+
+
 def test_channels_last_group_norm_equals_torch_and_stays_channels_last():
     torch.manual_seed(0)
     weight, bias = torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)
     x = 3 * torch.randn(2, 64, 5, 7) + 1  # non-zero mean: the pooled group variance must include it
     grad_output = torch.randn(2, 64, 5, 7)
 
-    expected, expected_grads = values_and_gradients(
-        lambda t: F.group_norm(t, 32, weight, bias, 1e-6), x, grad_output, [weight, bias]
-    )
-    out, grads = values_and_gradients(
+    out = assert_same_values_and_gradients(
         lambda t: group_norm_channels_last(t, 32, weight, bias, 1e-6),
+        lambda t: F.group_norm(t, 32, weight, bias, 1e-6),
         x.contiguous(memory_format=torch.channels_last),
         grad_output,
         [weight, bias],
     )
-
     assert out.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    for found, reference in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(found, reference, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -248,17 +253,13 @@ def test_group_norm_of_an_input_bias_equals_the_group_norm_of_the_biased_input(m
     grad_output = torch.randn(2, 64, 5, 7)
     parameters = [norm.weight, norm.bias, input_bias]
 
-    expected, expected_grads = values_and_gradients(
+    assert_same_values_and_gradients(
+        lambda t: norm(t, input_bias=input_bias),
         lambda t: F.group_norm(t + input_bias[:, None, None], 32, norm.weight, norm.bias, norm.eps),
         x,
         grad_output,
         parameters,
     )
-    out, grads = values_and_gradients(lambda t: norm(t, input_bias=input_bias), x, grad_output, parameters)
-
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    for found, reference in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(found, reference, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -339,15 +340,10 @@ def test_upsampling_convolution_equals_nearest_interpolation_then_conv3x3(memory
     def reference(t):
         return F.conv2d(F.interpolate(t, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
 
-    expected, expected_grads = values_and_gradients(reference, x, grad_output, [weight, bias])
-    out, grads = values_and_gradients(
-        lambda t: upsample_conv3x3(t, weight, bias), x, grad_output, [weight, bias]
+    out = assert_same_values_and_gradients(
+        lambda t: upsample_conv3x3(t, weight, bias), reference, x, grad_output, [weight, bias], 1e-12
     )
-
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     assert out.is_contiguous(memory_format=memory_format)
-    for found, reference_grad in zip(grads, expected_grads, strict=True):  # input, weight, bias
-        torch.testing.assert_close(found, reference_grad, rtol=1e-12, atol=1e-12)
 
 
 def test_upsampling_convolution_under_autocast_stays_within_bf16_rounding_of_float32():
