@@ -45,6 +45,16 @@ def _vgg_features_to_lpips_slices(state_dict: dict[str, torch.Tensor]) -> dict[s
     return mapped
 
 
+def layer_distance(features_x: torch.Tensor, features_y: torch.Tensor, weight=None) -> torch.Tensor:
+    """LPIPS's term for one layer: feature maps [B, C, H, W] -> [B]. Each position's features are
+    unit-normalised over channels; the squared differences are summed over channels, weighted by
+    ``weight`` [1, C, 1, 1] (a linear head's) if given, and averaged over positions."""
+    difference = (lpips.normalize_tensor(features_x) - lpips.normalize_tensor(features_y)) ** 2
+    if weight is not None:
+        difference = difference * weight
+    return difference.sum(dim=1).mean(dim=(1, 2))
+
+
 class LPIPS(nn.Module):
     """LPIPS-VGG16 distance with REPA-E's choice of input range.
 
@@ -98,14 +108,9 @@ class LPIPS(nn.Module):
         if self.input_range == "official":
             x, y = x * 2 - 1, y * 2 - 1
         net = self.lpips
-        distance = 0.0
-        for features_x, features_y, head in zip(
-            net.net(net.scaling_layer(x)), net.net(net.scaling_layer(y)), net.lins, strict=True
-        ):
-            difference = (lpips.normalize_tensor(features_x) - lpips.normalize_tensor(features_y)) ** 2
-            weight = head.model[-1].weight  # [1, C, 1, 1]; the head's dropout is off in eval mode
-            distance = distance + (difference * weight).sum(dim=1).mean(dim=(1, 2))
-        return distance
+        features = zip(net.net(net.scaling_layer(x)), net.net(net.scaling_layer(y)), net.lins, strict=True)
+        # head.model: [dropout (off in eval mode),] 1x1 convolution with weight [1, C, 1, 1]
+        return sum(layer_distance(fx, fy, head.model[-1].weight) for fx, fy, head in features)
 
 
 class EfficientNetPerceptual(nn.Module):
@@ -173,11 +178,6 @@ class EfficientNetPerceptual(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x, y: [B, 3, H, W] in [-1, 1] -> [B] distances."""
-        batch_size = x.shape[0]
         # One pass over both images: BN is in eval mode, so samples do not interact.
-        distance = 0.0
-        for tap in self.features(torch.cat([x, y])):
-            tap = tap / (torch.linalg.vector_norm(tap, dim=1, keepdim=True) + 1e-10)
-            tap_x, tap_y = tap[:batch_size], tap[batch_size:]
-            distance = distance + (tap_x - tap_y).square().sum(dim=1).mean(dim=(1, 2))
-        return distance / len(self.tap_blocks)
+        taps = self.features(torch.cat([x, y]))
+        return sum(layer_distance(*tap.chunk(2)) for tap in taps) / len(self.tap_blocks)
