@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 
 from repae.module import REPAE, to_plain
 from repae.modules.sit import SiT
-from repae.train import train
+from repae.train import instantiate_dict, train
 
 
 def build(cfg) -> REPAE:
@@ -19,6 +19,13 @@ def build(cfg) -> REPAE:
     model = instantiate(to_plain(cfg.model), _recursive_=False)
     model.load_pretrained()
     return model
+
+
+def fit(cfg, model: REPAE):
+    """Train ``model`` with the entry point's trainer and callbacks from ``cfg`` (no logger)."""
+    trainer = instantiate(cfg.trainer, callbacks=instantiate_dict(cfg.callbacks), logger=False)
+    trainer.fit(model, datamodule=instantiate(cfg.data))
+    return trainer
 
 
 def a_batch(batch_size=4, num_classes=10):
@@ -154,10 +161,7 @@ def test_ema_follows_its_formula(tiny_config, fused):
     model = build(cfg)
     initial = {k: v.clone() for k, v in model.sit.state_dict().items()}
     assert all(torch.equal(initial[k], v) for k, v in model.ema.state_dict().items())
-    from repae.train import instantiate_dict  # the same trainer set-up as the entry point
-
-    trainer = instantiate(cfg.trainer, callbacks=instantiate_dict(cfg.callbacks), logger=False)
-    trainer.fit(model, datamodule=instantiate(cfg.data))
+    fit(cfg, model)
     for key, ema_value in model.ema.state_dict().items():
         if ema_value.is_floating_point():
             expected = 0.5 * initial[key] + 0.5 * model.sit.state_dict()[key]
@@ -171,10 +175,7 @@ def test_each_parameter_set_is_updated_with_gradients_clipped_to_max_grad_norm(t
         "model.max_train_steps=1", f"model.max_grad_norm={max_norm}", f"model.optimizer.fused={fused}"
     )
     model = build(cfg)
-    from repae.train import instantiate_dict
-
-    trainer = instantiate(cfg.trainer, callbacks=instantiate_dict(cfg.callbacks), logger=False)
-    trainer.fit(model, datamodule=instantiate(cfg.data))
+    trainer = fit(cfg, model)
     beta1 = cfg.model.optimizer.adam_beta1
     for name, optimizer in zip(["sit", "vae", "disc"], model.optimizers(), strict=True):
         assert trainer.callback_metrics[f"grad_norm_{name}"] > 10 * max_norm  # logged before clipping
@@ -208,10 +209,7 @@ def test_ldm_only_leaves_the_vae_bit_identical(tiny_config, tmp_path):
     model = build(cfg)
     vae_before = {k: v.clone() for k, v in model.vae.state_dict().items()}
     bn_before = model.sit.bn.running_var.clone()
-    from repae.train import instantiate_dict
-
-    trainer = instantiate(cfg.trainer, callbacks=instantiate_dict(cfg.callbacks), logger=False)
-    trainer.fit(model, datamodule=instantiate(cfg.data))
+    trainer = fit(cfg, model)
     assert model.step == 3 and len(trainer.optimizers) == 1
     assert all(torch.equal(v, vae_before[k]) for k, v in model.vae.state_dict().items())
     assert torch.equal(model.sit.bn.running_var, bn_before)

@@ -45,7 +45,9 @@ def _vgg_features_to_lpips_slices(state_dict: dict[str, torch.Tensor]) -> dict[s
     return mapped
 
 
-def layer_distance(features_x: torch.Tensor, features_y: torch.Tensor, weight=None) -> torch.Tensor:
+def layer_distance(
+    features_x: torch.Tensor, features_y: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """LPIPS's term for one layer: feature maps [B, C, H, W] -> [B]. Each position's features are
     unit-normalised over channels; the squared differences are summed over channels, weighted by
     ``weight`` [1, C, 1, 1] (a linear head's) if given, and averaged over positions."""

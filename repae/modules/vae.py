@@ -100,7 +100,7 @@ def group_norm_channels_last(
     channel_var, channel_mean = torch.var_mean(
         x_float.permute(0, 2, 3, 1).reshape(b, h * w, c), dim=1, correction=0
     )
-    input_bias = torch.zeros((), dtype=dtype, device=x.device) if input_bias is None else input_bias.to(dtype)
+    input_bias = 0.0 if input_bias is None else input_bias.to(dtype)
     channel_mean = channel_mean + input_bias
     channel_var, channel_mean = channel_var.view(b, num_groups, -1), channel_mean.view(b, num_groups, -1)
     mean = channel_mean.mean(dim=2, keepdim=True)
