@@ -262,107 +262,25 @@ def test_group_norm_of_an_input_bias_equals_the_group_norm_of_the_biased_input(m
     )
 
 
-def norm_swish(x, norm):
-    return F.silu(F.group_norm(x, 32, norm.weight, norm.bias, norm.eps))
-
-
-def compvis_resnet_block(block, x):
-    """The CompVis ResnetBlock with ``block``'s parameters, every bias added where its convolution is."""
-    h = F.conv2d(norm_swish(x, block.norm1), block.conv1.weight, block.conv1.bias, padding=1)
-    h = F.conv2d(norm_swish(h, block.norm2), block.conv2.weight, block.conv2.bias, padding=1)
-    if hasattr(block, "nin_shortcut"):
-        x = F.conv2d(x, block.nin_shortcut.weight, block.nin_shortcut.bias)
-    return x + h
-
-
-def compvis_encoder(encoder, x):
-    h = F.conv2d(x, encoder.conv_in.weight, encoder.conv_in.bias, padding=1)
-    for down in encoder.down:
-        for i, block in enumerate(down.block):
-            h = compvis_resnet_block(block, h)
-            if len(down.attn) > 0:
-                h = down.attn[i](h)
-        if hasattr(down, "downsample"):
-            conv = down.downsample.conv
-            h = F.conv2d(F.pad(h, (0, 1, 0, 1)), conv.weight, conv.bias, stride=2)
-    mid = encoder.mid
-    h = compvis_resnet_block(mid.block_2, mid.attn_1(compvis_resnet_block(mid.block_1, h)))
-    return F.conv2d(
-        norm_swish(h, encoder.norm_out), encoder.conv_out.weight, encoder.conv_out.bias, padding=1
-    )
-
-
-def compvis_decoder(decoder, z):
-    h = F.conv2d(z, decoder.conv_in.weight, decoder.conv_in.bias, padding=1)
-    mid = decoder.mid
-    h = compvis_resnet_block(mid.block_2, mid.attn_1(compvis_resnet_block(mid.block_1, h)))
-    for up in reversed(decoder.up):
-        for i, block in enumerate(up.block):
-            h = compvis_resnet_block(block, h)
-            if len(up.attn) > 0:
-                h = up.attn[i](h)
-        if hasattr(up, "upsample"):
-            conv = up.upsample.conv
-            h = F.conv2d(
-                F.interpolate(h, scale_factor=2.0, mode="nearest"), conv.weight, conv.bias, padding=1
-            )
-    return F.conv2d(
-        norm_swish(h, decoder.norm_out), decoder.conv_out.weight, decoder.conv_out.bias, padding=1
-    )
-
-
 @pytest.mark.parametrize(
     "memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"]
 )
-@pytest.mark.parametrize("out_channels", [96, 64], ids=["1x1 shortcut", "identity shortcut"])
-def test_resnet_block_computes_the_compvis_block_of_its_input_plus_its_input_bias(
-    memory_format, out_channels
-):
-    """The convolution before a block may leave its bias to the block (``input_bias``)."""
+def test_resnet_block_computes_the_compvis_block_with_every_bias(memory_format):
     torch.manual_seed(0)
-    block = ResnetBlock(64, out_channels).to(memory_format=memory_format)
+    block = ResnetBlock(64, 96)
     for parameter in block.parameters():  # non-zero biases and non-trivial norm affines
         torch.nn.init.normal_(parameter, std=0.1)
-    input_bias = torch.randn(64, requires_grad=True)
-    x = torch.randn(2, 64, 6, 5).contiguous(memory_format=memory_format)
+    x = torch.randn(2, 64, 6, 5)
 
-    assert_same_values_and_gradients(
-        lambda t: block(t, input_bias=input_bias),
-        lambda t: compvis_resnet_block(block, t + input_bias[:, None, None]),
-        x,
-        torch.randn(2, out_channels, 6, 5),
-        [*block.parameters(), input_bias],
-    )
+    def norm_swish(t, norm):
+        return F.silu(F.group_norm(t, 32, norm.weight, norm.bias, norm.eps))
 
+    h = F.conv2d(norm_swish(x, block.norm1), block.conv1.weight, block.conv1.bias, padding=1)
+    h = F.conv2d(norm_swish(h, block.norm2), block.conv2.weight, block.conv2.bias, padding=1)
+    expected = F.conv2d(x, block.nin_shortcut.weight, block.nin_shortcut.bias) + h
 
-@pytest.mark.parametrize(
-    "memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"]
-)
-def test_encoder_and_decoder_compute_the_compvis_networks_with_every_bias(memory_format):
-    """conv_in, the down- and the upsampling convolutions hand their bias to the next block; the
-    networks still compute what the CompVis code computes, values and gradients (float64, so that
-    only a misplaced bias could tell them apart)."""
-    torch.manual_seed(0)
-    vae = build_vae("f4d4-tiny").to(torch.float64, memory_format=memory_format)
-    for name, parameter in vae.named_parameters():
-        if name.endswith("bias"):  # large enough that a bias dropped or added twice shows
-            torch.nn.init.normal_(parameter, std=0.5)
-    images = (torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1).contiguous(memory_format=memory_format)
-    latents = torch.randn(2, 4, 8, 8, dtype=torch.float64).contiguous(memory_format=memory_format)
-
-    for network, reference, x in [
-        (vae.encoder, compvis_encoder, images),
-        (vae.decoder, compvis_decoder, latents),
-    ]:
-        out = reference(network, x)
-        assert_same_values_and_gradients(
-            network,
-            lambda t: reference(network, t),
-            x,
-            torch.randn_like(out),
-            list(network.parameters()),
-            tolerance=1e-10,
-        )
+    out = block.to(memory_format=memory_format)(x.contiguous(memory_format=memory_format))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -133,26 +133,10 @@ def Normalize(channels: int) -> GroupNorm:
 class Conv2dDeferredBias(nn.Conv2d):
     """``nn.Conv2d`` (same parameters and state-dict keys) whose forward leaves out its bias: the
     caller adds ``self.bias`` later, where it costs no pass of its own (``GroupNorm``'s
-    ``input_bias``, ``ResnetBlock``'s)."""
+    ``input_bias``)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
-
-
-class Conv1x1(nn.Conv2d):
-    """1x1 ``nn.Conv2d`` (same parameters and state-dict keys) whose forward also takes a per-channel
-    bias [C_in] its input still lacks: a 1x1 convolution is linear in each pixel, so
-    ``W (x + b) + c = W x + (W b + c)`` and the biased input is never written out."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(in_channels, out_channels, kernel_size=1)
-
-    def forward(self, x: Tensor, input_bias: Tensor | None = None) -> Tensor:
-        bias = self.bias
-        if input_bias is not None:
-            # An element-wise product and sum, not a matmul, so autocast leaves it in float32.
-            bias = bias + (self.weight.flatten(1) * input_bias).sum(dim=1)
-        return F.conv2d(x, self.weight, bias)
 
 
 def swish(x: Tensor) -> Tensor:
@@ -163,8 +147,6 @@ class ResnetBlock(nn.Module):
     """GN -> swish -> conv3x3 -> GN -> swish -> dropout -> conv3x3, plus a (1x1-projected) shortcut.
 
     [B, in_channels, H, W] -> [B, out_channels, H, W]. No timestep embedding (``temb_ch=0``).
-    ``input_bias`` [in_channels]: the block computes itself of ``x + input_bias`` (per channel), the
-    bias of the convolution that produced x, without writing that sum out.
     """
 
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
@@ -175,17 +157,15 @@ class ResnetBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
-            self.nin_shortcut = Conv1x1(in_channels, out_channels)
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
-    def forward(self, x: Tensor, input_bias: Tensor | None = None) -> Tensor:
-        h = self.conv1(swish(self.norm1(x, input_bias=input_bias)))
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(swish(self.norm1(x)))
         # norm2 adds conv1's bias without writing conv1's output plus bias out: one pass less over
         # the activation (see group_norm_channels_last).
         h = self.conv2(self.dropout(swish(self.norm2(h, input_bias=self.conv1.bias))))
         if hasattr(self, "nin_shortcut"):
-            x = self.nin_shortcut(x, input_bias)
-        elif input_bias is not None:
-            x = x + input_bias[:, None, None]  # fused into the residual sum
+            x = self.nin_shortcut(x)
         return x + h
 
 
@@ -221,29 +201,25 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Asymmetric pad (0, 1, 0, 1) then conv3x3 stride 2: [B, C, H, W] -> [B, C, H/2, W/2], without
-    the convolution's bias (``self.conv.bias``), which the next ResnetBlock adds as its
-    ``input_bias``."""
+    """Asymmetric pad (0, 1, 0, 1) then conv3x3 stride 2: [B, C, H, W] -> [B, C, H/2, W/2]."""
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2dDeferredBias(channels, channels, kernel_size=3, stride=2, padding=0)
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
 
 
 class Upsample(nn.Module):
-    """Nearest x2 then conv3x3: [B, C, H, W] -> [B, C, 2H, 2W] (computed by ``upsample_conv3x3``),
-    without the convolution's bias (``self.conv.bias``), which the next ResnetBlock adds as its
-    ``input_bias``."""
+    """Nearest x2 then conv3x3: [B, C, H, W] -> [B, C, 2H, 2W] (computed by ``upsample_conv3x3``)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return upsample_conv3x3(x, self.conv.weight, None)
+        return upsample_conv3x3(x, self.conv.weight, self.conv.bias)
 
 
 def upsampled_kernel_taps(weight: Tensor, dim: int) -> Tensor:
@@ -291,7 +267,7 @@ class Encoder(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        self.conv_in = Conv2dDeferredBias(in_channels, ch, kernel_size=3, stride=1, padding=1)
+        self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
 
         self.down = nn.ModuleList()
         block_in = ch
@@ -321,18 +297,15 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        # conv_in and each Downsample leave their bias to the ResnetBlock after them: their output is
-        # read by a GroupNorm, the residual sum and maybe a 1x1 shortcut, so adding the bias first
-        # would write it out once more.
-        h, bias = self.conv_in(x), self.conv_in.bias
+        h = self.conv_in(x)
         for down in self.down:
             for i, block in enumerate(down.block):
-                h, bias = block(h, input_bias=bias), None
+                h = block(h)
                 if len(down.attn) > 0:
                     h = down.attn[i](h)
             if hasattr(down, "downsample"):
-                h, bias = down.downsample(h), down.downsample.conv.bias
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h, input_bias=bias)))
+                h = down.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(swish(self.norm_out(h)))
 
 
@@ -358,7 +331,7 @@ class Decoder(nn.Module):
         super().__init__()
         block_in = ch * ch_mult[-1]
         curr_res = resolution // 2 ** (len(ch_mult) - 1)
-        self.conv_in = Conv2dDeferredBias(z_channels, block_in, kernel_size=3, stride=1, padding=1)
+        self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
 
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
@@ -386,17 +359,15 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, out_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
-        # conv_in and each Upsample leave their bias to the ResnetBlock after them (see Encoder).
-        h = self.mid.block_1(self.conv_in(z), input_bias=self.conv_in.bias)
-        h = self.mid.block_2(self.mid.attn_1(h))
-        bias = None
+        h = self.conv_in(z)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for up in reversed(self.up):
             for i, block in enumerate(up.block):
-                h, bias = block(h, input_bias=bias), None
+                h = block(h)
                 if len(up.attn) > 0:
                     h = up.attn[i](h)
             if hasattr(up, "upsample"):
-                h, bias = up.upsample(h), up.upsample.conv.bias
+                h = up.upsample(h)
         return self.conv_out(swish(self.norm_out(h)))
 
 
