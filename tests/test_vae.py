@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -262,6 +264,55 @@ def test_group_norm_of_an_input_bias_equals_the_group_norm_of_the_biased_input(m
     )
 
 
+def norm_swish(x, norm):
+    return F.silu(F.group_norm(x, 32, norm.weight, norm.bias, norm.eps))
+
+
+def compvis_resnet_block(block, x):
+    """The CompVis ResnetBlock with ``block``'s parameters, every bias added where its convolution is."""
+    h = F.conv2d(norm_swish(x, block.norm1), block.conv1.weight, block.conv1.bias, padding=1)
+    h = F.conv2d(norm_swish(h, block.norm2), block.conv2.weight, block.conv2.bias, padding=1)
+    if hasattr(block, "nin_shortcut"):
+        x = F.conv2d(x, block.nin_shortcut.weight, block.nin_shortcut.bias)
+    return x + h
+
+
+def compvis_encoder(encoder, x):
+    h = F.conv2d(x, encoder.conv_in.weight, encoder.conv_in.bias, padding=1)
+    for down in encoder.down:
+        for i, block in enumerate(down.block):
+            h = compvis_resnet_block(block, h)
+            if len(down.attn) > 0:
+                h = down.attn[i](h)
+        if hasattr(down, "downsample"):
+            conv = down.downsample.conv
+            h = F.conv2d(F.pad(h, (0, 1, 0, 1)), conv.weight, conv.bias, stride=2)
+    mid = encoder.mid
+    h = compvis_resnet_block(mid.block_2, mid.attn_1(compvis_resnet_block(mid.block_1, h)))
+    return F.conv2d(
+        norm_swish(h, encoder.norm_out), encoder.conv_out.weight, encoder.conv_out.bias, padding=1
+    )
+
+
+def compvis_decoder(decoder, z):
+    h = F.conv2d(z, decoder.conv_in.weight, decoder.conv_in.bias, padding=1)
+    mid = decoder.mid
+    h = compvis_resnet_block(mid.block_2, mid.attn_1(compvis_resnet_block(mid.block_1, h)))
+    for up in reversed(decoder.up):
+        for i, block in enumerate(up.block):
+            h = compvis_resnet_block(block, h)
+            if len(up.attn) > 0:
+                h = up.attn[i](h)
+        if hasattr(up, "upsample"):
+            conv = up.upsample.conv
+            h = F.conv2d(
+                F.interpolate(h, scale_factor=2.0, mode="nearest"), conv.weight, conv.bias, padding=1
+            )
+    return F.conv2d(
+        norm_swish(h, decoder.norm_out), decoder.conv_out.weight, decoder.conv_out.bias, padding=1
+    )
+
+
 @pytest.mark.parametrize(
     "memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"]
 )
@@ -271,16 +322,37 @@ def test_resnet_block_computes_the_compvis_block_with_every_bias(memory_format):
     for parameter in block.parameters():  # non-zero biases and non-trivial norm affines
         torch.nn.init.normal_(parameter, std=0.1)
     x = torch.randn(2, 64, 6, 5)
-
-    def norm_swish(t, norm):
-        return F.silu(F.group_norm(t, 32, norm.weight, norm.bias, norm.eps))
-
-    h = F.conv2d(norm_swish(x, block.norm1), block.conv1.weight, block.conv1.bias, padding=1)
-    h = F.conv2d(norm_swish(h, block.norm2), block.conv2.weight, block.conv2.bias, padding=1)
-    expected = F.conv2d(x, block.nin_shortcut.weight, block.nin_shortcut.bias) + h
+    expected = compvis_resnet_block(block, x)
 
     out = block.to(memory_format=memory_format)(x.contiguous(memory_format=memory_format))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"]
+)
+def test_encoder_and_decoder_compute_the_compvis_networks_with_every_bias(memory_format):
+    """The pieces rewritten for speed (GroupNorm with conv1's bias, the upsampling as a transposed
+    convolution) together: the encoder and the decoder compute what the CompVis code computes,
+    values and gradients, in float64 so that nothing but a wrong formula tells them apart (the
+    attention blocks are the modules' own, checked on their own above)."""
+    torch.manual_seed(0)
+    vae = build_vae("f4d4-tiny").to(torch.float64, memory_format=memory_format)
+    for name, parameter in vae.named_parameters():
+        if name.endswith("bias"):  # large enough that a bias dropped or added twice shows
+            torch.nn.init.normal_(parameter, std=0.5)
+    images = (torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1).contiguous(memory_format=memory_format)
+    latents = torch.randn(2, 4, 8, 8, dtype=torch.float64).contiguous(memory_format=memory_format)
+
+    for network, reference, x in [
+        (vae.encoder, compvis_encoder, images),
+        (vae.decoder, compvis_decoder, latents),
+    ]:
+        compvis = partial(reference, network)
+        grad_output = torch.randn_like(compvis(x))
+        assert_same_values_and_gradients(
+            network, compvis, x, grad_output, list(network.parameters()), tolerance=1e-10
+        )
 
 
 @pytest.mark.parametrize(
