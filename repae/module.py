@@ -127,6 +127,8 @@ class REPAE(pl.LightningModule):
             by ``load_pretrained`` when a run starts (not when it resumes).
         sampling: defaults for ``generate`` (mode, num_steps, cfg_scale, guidance interval, ...).
         compile: torch.compile the SiT, the VAE, the encoders and the loss networks in place.
+        compile_options: inductor options for those compilations (``torch.compile(options=...)``,
+            names as in ``torch._inductor.list_options()``), e.g. ``coordinate_descent_tuning``.
         channels_last: keep the convolutional networks (VAE, discriminator, perceptual network) and
             their image inputs in NHWC memory format, which cuDNN's bf16 convolutions use natively
             (otherwise it converts every activation both ways). Same numbers, another layout.
@@ -151,6 +153,7 @@ class REPAE(pl.LightningModule):
         discriminator_weights_path: str | None = None,
         sampling: Mapping | None = None,
         compile: bool = False,
+        compile_options: Mapping | None = None,
         channels_last: bool = False,
     ):
         super().__init__()
@@ -170,6 +173,13 @@ class REPAE(pl.LightningModule):
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
         self.sampling_defaults = dict(to_plain(sampling) or {})
         self.compile_models = compile
+        self.compile_options = dict(to_plain(compile_options) or {})
+        unknown = sorted(set(self.compile_options) - set(torch._inductor.list_options()))
+        if unknown:
+            raise ValueError(
+                f"model.compile_options: unknown inductor option(s) {unknown}; the names are those of "
+                "torch._inductor.list_options()"
+            )
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
         self.encoders = build_encoders(**to_plain(encoder))
@@ -244,7 +254,7 @@ class REPAE(pl.LightningModule):
                 module.to(memory_format=torch.channels_last)
         if self.compile_models and stage == "fit":
             for module in [self.sit, *self.encoders, *convolutional]:
-                module.compile()
+                module.compile(options=self.compile_options or None)
 
     @cached_property
     def parameter_groups(self) -> list[tuple[str, list[nn.Parameter], float]]:

@@ -1,15 +1,17 @@
-"""The speed levers (torch.compile of every network, fused AdamW, channels_last) leave the training unchanged."""
+"""The speed levers (torch.compile of every network, fused AdamW, channels_last) leave the training
+unchanged, and their settings reach what they set."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 import torch._inductor.config as inductor_config
 
 from repae.train import train
 
-from test_training import loss_trace
+from test_training import build, fit, loss_trace
 
 # Step 1's losses come from the initial weights, so only rounding separates the paths (measured
 # <= 1.2e-7). Step 2's weights went through one AdamW update, which turns rounding-level gradient
@@ -48,3 +50,18 @@ def test_fast_paths_train_like_the_default_path(tiny_config, tmp_path, levers):
         assert sorted(found) == [1, 2]
         for step, value in expected.items():
             assert found[step] == pytest.approx(value, rel=RELATIVE_TOLERANCE[step], abs=1e-6), (key, step)
+
+
+def test_compile_options_reach_the_compilation_of_every_network(tiny_config, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compiled.append((self, kwargs)))
+    cfg = tiny_config("model.compile=true", "model.compile_options={coordinate_descent_tuning: true}")
+    model = build(cfg)
+    fit(cfg, model)
+    assert {id(module) for module, _ in compiled} >= {id(model.sit), id(model.vae), id(model.vae_loss)}
+    assert all(kwargs == {"options": {"coordinate_descent_tuning": True}} for _, kwargs in compiled)
+
+
+def test_an_unknown_compile_option_names_the_config_key(tiny_config):
+    with pytest.raises(Exception, match=r"model.compile_options.*'coordinate_descent_tunning'"):
+        build(tiny_config("model.compile_options={coordinate_descent_tunning: true}"))
