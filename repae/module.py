@@ -468,7 +468,7 @@ class REPAE(pl.LightningModule):
                 optimizer.optimizer.grad_scale = clip_divisor(grad_norms[name], self.max_grad_norm)
                 optimizer.step()
                 del optimizer.optimizer.found_inf, optimizer.optimizer.grad_scale
-            update_ema(self.ema, self.sit, self.ema_decay, where=finite, compiled=self.compile_models)
+            update_ema(self.ema, self.sit, self.ema_decay, where=finite)
             self.consecutive_nonfinite = (self.consecutive_nonfinite + 1) * skipped  # a tensor
             check = (self.step + 1) % self.max_consecutive_nonfinite == 0
         else:

@@ -22,24 +22,8 @@ def local_shard(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def lerp_towards(
-    ema_tensors: list[torch.Tensor], model_tensors: list[torch.Tensor], weight: torch.Tensor
-) -> None:
-    """ema <- ema + weight * (model - ema) for each pair, ``weight`` a 0-dim tensor. Eagerly three
-    passes over every tensor; compiled (``compiled_lerp_towards``), one read of each tensor pair and
-    one write, in a few kernels for all tensors together."""
-    torch._foreach_add_(
-        ema_tensors, torch._foreach_mul(torch._foreach_sub(model_tensors, ema_tensors), weight)
-    )
-
-
-compiled_lerp_towards = torch.compile(lerp_towards, dynamic=False)
-
-
 @torch.no_grad()
-def update_ema(
-    ema: nn.Module, model: nn.Module, decay: float, where: torch.Tensor | None = None, compiled: bool = False
-) -> None:
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, where: torch.Tensor | None = None) -> None:
     """ema <- decay * ema + (1 - decay) * model, for parameters and floating-point buffers.
 
     As in the official ``update_ema``, floating-point buffers (the SiT's BatchNorm running mean and
@@ -48,10 +32,8 @@ def update_ema(
     One fused ``_foreach_lerp_`` over all tensors instead of a Python loop of small kernels.
 
     ``where``: a bool scalar tensor; False leaves the EMA as it is. Decided on the device, so the
-    host never waits to read it. ``_foreach_lerp_`` has no fast path for a tensor weight, so
-    eagerly this is one lerp kernel per tensor (~300 launches for SiT-XL, ~3.5 ms of host time at
-    the end of each step); with ``compiled``, ``compiled_lerp_towards`` does it in a few kernels.
-    Integer buffers are copied either way (the caller restores the model's on a skip).
+    host never waits to read it, at the cost of one lerp kernel per tensor instead of one fused
+    kernel. Integer buffers are copied either way (the caller restores the model's on a skip).
     """
     ema_tensors, model_tensors = [], []
     for (name, ema_t), (model_name, model_t) in zip(
@@ -68,14 +50,8 @@ def update_ema(
         else:
             ema_t.copy_(model_t)
     if where is not None:
-        for dtype in {t.dtype for t in ema_tensors}:
-            weight = (where * (1.0 - decay)).to(dtype)
-            pairs = [(e, m) for e, m in zip(ema_tensors, model_tensors, strict=True) if e.dtype == dtype]
-            ema_group, model_group = map(list, zip(*pairs, strict=True))
-            if compiled:
-                compiled_lerp_towards(ema_group, model_group, weight)
-            else:
-                torch._foreach_lerp_(ema_group, model_group, [weight] * len(ema_group))
+        weights = {dtype: (where * (1.0 - decay)).to(dtype) for dtype in {t.dtype for t in ema_tensors}}
+        torch._foreach_lerp_(ema_tensors, model_tensors, [weights[t.dtype] for t in ema_tensors])
     elif decay == 0:
         torch._foreach_copy_(ema_tensors, model_tensors)
     else:
