@@ -174,12 +174,13 @@ class REPAE(pl.LightningModule):
         self.sampling_defaults = dict(to_plain(sampling) or {})
         self.compile_models = compile
         self.compile_options = dict(to_plain(compile_options) or {})
-        unknown = sorted(set(self.compile_options) - set(torch._inductor.list_options()))
-        if unknown:
-            raise ValueError(
-                f"model.compile_options: unknown inductor option(s) {unknown}; the names are those of "
-                "torch._inductor.list_options()"
-            )
+        if self.compile_options:  # checked only then: listing the options imports inductor (seconds)
+            unknown = sorted(set(self.compile_options) - set(torch._inductor.list_options()))
+            if unknown:
+                raise ValueError(
+                    f"model.compile_options: unknown inductor option(s) {unknown}; the names are those "
+                    "of torch._inductor.list_options()"
+                )
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
         self.encoders = build_encoders(**to_plain(encoder))
