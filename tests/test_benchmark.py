@@ -1,4 +1,5 @@
-"""The benchmark's yardstick: MFU counts the model's FLOPs, however the model computes them."""
+"""The benchmarks' yardsticks: MFU counts the model's FLOPs, however the model computes them; the EMA
+benchmark times forms that all compute the EMA."""
 
 from __future__ import annotations
 
@@ -6,13 +7,16 @@ import sys
 from pathlib import Path
 from unittest import mock
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from repae.modules import vae as vae_module
+from repae.modules.ema import make_ema
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import benchmark  # noqa: E402
+import benchmark_ema  # noqa: E402
 
 
 def convolution_flops(counter: FlopCounterMode) -> int:
@@ -46,3 +50,33 @@ def test_flops_count_the_upsampling_as_the_model_defines_it_not_as_it_runs():
     assert upsampling_inputs
     assert convolution_flops(counted) - convolution_flops(executed) == saved
     torch.testing.assert_close(as_defined, fast, rtol=1e-4, atol=1e-5)
+
+
+def a_model_its_ema_and_the_ema_before():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5))
+    ema = make_ema(model)
+    model(torch.randn(8, 3))  # the BatchNorm statistics move too
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    return model, ema, [t.clone() for t in benchmark_ema.floating_tensors(ema)]
+
+
+@pytest.mark.parametrize("form", sorted(benchmark_ema.FORMS))
+def test_every_ema_form_the_benchmark_times_computes_the_ema(form):
+    model, ema, before = a_model_its_ema_and_the_ema_before()
+    benchmark_ema.FORMS[form](ema, model, torch.tensor(True))
+    decay = benchmark_ema.DECAY
+    for found, old, new in zip(
+        benchmark_ema.floating_tensors(ema), before, benchmark_ema.floating_tensors(model), strict=True
+    ):
+        torch.testing.assert_close(found, decay * old + (1 - decay) * new, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("form", ["per_tensor_lerp", "compiled_foreach"])
+def test_the_ema_forms_weighted_on_the_device_leave_the_ema_on_a_skipped_step(form):
+    model, ema, before = a_model_its_ema_and_the_ema_before()
+    benchmark_ema.FORMS[form](ema, model, torch.tensor(False))
+    for found, old in zip(benchmark_ema.floating_tensors(ema), before, strict=True):
+        assert torch.equal(found, old)
