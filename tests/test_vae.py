@@ -268,49 +268,49 @@ def norm_swish(x, norm):
     return F.silu(F.group_norm(x, 32, norm.weight, norm.bias, norm.eps))
 
 
+def compvis_conv(conv, x, **kwargs):
+    return F.conv2d(x, conv.weight, conv.bias, **kwargs)
+
+
 def compvis_resnet_block(block, x):
     """The CompVis ResnetBlock with ``block``'s parameters, every bias added where its convolution is."""
-    h = F.conv2d(norm_swish(x, block.norm1), block.conv1.weight, block.conv1.bias, padding=1)
-    h = F.conv2d(norm_swish(h, block.norm2), block.conv2.weight, block.conv2.bias, padding=1)
+    h = compvis_conv(block.conv1, norm_swish(x, block.norm1), padding=1)
+    h = compvis_conv(block.conv2, norm_swish(h, block.norm2), padding=1)
     if hasattr(block, "nin_shortcut"):
-        x = F.conv2d(x, block.nin_shortcut.weight, block.nin_shortcut.bias)
+        x = compvis_conv(block.nin_shortcut, x)
     return x + h
 
 
+def compvis_level(level, h):
+    """A level's ResnetBlocks, each followed by its attention block where the level has them."""
+    for i, block in enumerate(level.block):
+        h = compvis_resnet_block(block, h)
+        if len(level.attn) > 0:
+            h = level.attn[i](h)
+    return h
+
+
+def compvis_mid(mid, h):
+    return compvis_resnet_block(mid.block_2, mid.attn_1(compvis_resnet_block(mid.block_1, h)))
+
+
 def compvis_encoder(encoder, x):
-    h = F.conv2d(x, encoder.conv_in.weight, encoder.conv_in.bias, padding=1)
+    h = compvis_conv(encoder.conv_in, x, padding=1)
     for down in encoder.down:
-        for i, block in enumerate(down.block):
-            h = compvis_resnet_block(block, h)
-            if len(down.attn) > 0:
-                h = down.attn[i](h)
+        h = compvis_level(down, h)
         if hasattr(down, "downsample"):
-            conv = down.downsample.conv
-            h = F.conv2d(F.pad(h, (0, 1, 0, 1)), conv.weight, conv.bias, stride=2)
-    mid = encoder.mid
-    h = compvis_resnet_block(mid.block_2, mid.attn_1(compvis_resnet_block(mid.block_1, h)))
-    return F.conv2d(
-        norm_swish(h, encoder.norm_out), encoder.conv_out.weight, encoder.conv_out.bias, padding=1
-    )
+            h = compvis_conv(down.downsample.conv, F.pad(h, (0, 1, 0, 1)), stride=2)
+    h = compvis_mid(encoder.mid, h)
+    return compvis_conv(encoder.conv_out, norm_swish(h, encoder.norm_out), padding=1)
 
 
 def compvis_decoder(decoder, z):
-    h = F.conv2d(z, decoder.conv_in.weight, decoder.conv_in.bias, padding=1)
-    mid = decoder.mid
-    h = compvis_resnet_block(mid.block_2, mid.attn_1(compvis_resnet_block(mid.block_1, h)))
+    h = compvis_mid(decoder.mid, compvis_conv(decoder.conv_in, z, padding=1))
     for up in reversed(decoder.up):
-        for i, block in enumerate(up.block):
-            h = compvis_resnet_block(block, h)
-            if len(up.attn) > 0:
-                h = up.attn[i](h)
+        h = compvis_level(up, h)
         if hasattr(up, "upsample"):
-            conv = up.upsample.conv
-            h = F.conv2d(
-                F.interpolate(h, scale_factor=2.0, mode="nearest"), conv.weight, conv.bias, padding=1
-            )
-    return F.conv2d(
-        norm_swish(h, decoder.norm_out), decoder.conv_out.weight, decoder.conv_out.bias, padding=1
-    )
+            h = compvis_conv(up.upsample.conv, F.interpolate(h, scale_factor=2.0, mode="nearest"), padding=1)
+    return compvis_conv(decoder.conv_out, norm_swish(h, decoder.norm_out), padding=1)
 
 
 @pytest.mark.parametrize(
