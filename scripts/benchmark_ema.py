@@ -27,7 +27,7 @@ import torch.nn as nn
 from benchmark import report
 from benchmark_convolutions import time_ms
 
-from repae.modules.ema import make_ema, update_ema
+from repae.modules.ema import make_ema, tensor_pairs, update_ema
 from repae.modules.sit import SIT_MODEL_NAMES, build_sit
 
 DECAY = 0.9999
@@ -44,13 +44,15 @@ def lerp_towards(
 compiled_lerp_towards = torch.compile(lerp_towards, dynamic=False)
 
 
-def floating_tensors(module: nn.Module) -> list[torch.Tensor]:
-    """The tensors ``update_ema`` averages: parameters and floating-point buffers, detached."""
-    return [t.detach() for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]
+def averaged_tensors(ema: nn.Module, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The EMA's and the model's tensors that ``update_ema`` averages (the floating-point ones),
+    selected as it selects them."""
+    pairs = [(e, m) for e, m in tensor_pairs(ema, model) if e.is_floating_point()]
+    return [e for e, _ in pairs], [m for _, m in pairs]
 
 
 def compiled_foreach(ema: nn.Module, model: nn.Module, finite: torch.Tensor) -> None:
-    compiled_lerp_towards(floating_tensors(ema), floating_tensors(model), finite * (1.0 - DECAY))
+    compiled_lerp_towards(*averaged_tensors(ema, model), finite * (1.0 - DECAY))
 
 
 FORMS = {
@@ -83,22 +85,19 @@ def main() -> None:
     model = build_sit(args.sit, in_channels=4, input_size=32, z_dims=[768]).cuda()
     finite = torch.tensor(True, device="cuda")
     results = {"device": torch.cuda.get_device_name(), "sit": args.sit, "forms": {}}
-    results["tensors"] = len(floating_tensors(model))
     reference = None
     for name, form in FORMS.items():
         ema = make_ema(model)
-        with torch.no_grad():
-            for tensor in floating_tensors(ema):
-                tensor.mul_(0.5)  # the update must move every tensor
+        ema_tensors = averaged_tensors(ema, model)[0]
+        results["tensors"] = len(ema_tensors)
+        torch._foreach_mul_(ema_tensors, 0.5)  # the update must move every tensor
         start = time.perf_counter()
         form(ema, model, finite)
         torch.cuda.synchronize()
         first_call_s = time.perf_counter() - start
         if reference is None:
-            reference = floating_tensors(ema)
-        difference = max(
-            (a - b).abs().max().item() for a, b in zip(floating_tensors(ema), reference, strict=True)
-        )
+            reference = ema_tensors
+        difference = max((a - b).abs().max().item() for a, b in zip(ema_tensors, reference, strict=True))
 
         def update(form=form, ema=ema) -> None:
             form(ema, model, finite)

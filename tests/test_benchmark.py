@@ -60,7 +60,7 @@ def a_model_its_ema_and_the_ema_before():
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter))
-    return model, ema, [t.clone() for t in benchmark_ema.floating_tensors(ema)]
+    return model, ema, [t.clone() for t in benchmark_ema.averaged_tensors(ema, model)[0]]
 
 
 @pytest.mark.parametrize("form", sorted(benchmark_ema.FORMS))
@@ -68,9 +68,8 @@ def test_every_ema_form_the_benchmark_times_computes_the_ema(form):
     model, ema, before = a_model_its_ema_and_the_ema_before()
     benchmark_ema.FORMS[form](ema, model, torch.tensor(True))
     decay = benchmark_ema.DECAY
-    for found, old, new in zip(
-        benchmark_ema.floating_tensors(ema), before, benchmark_ema.floating_tensors(model), strict=True
-    ):
+    ema_tensors, model_tensors = benchmark_ema.averaged_tensors(ema, model)
+    for found, old, new in zip(ema_tensors, before, model_tensors, strict=True):
         torch.testing.assert_close(found, decay * old + (1 - decay) * new, rtol=1e-6, atol=1e-7)
 
 
@@ -78,5 +77,5 @@ def test_every_ema_form_the_benchmark_times_computes_the_ema(form):
 def test_the_ema_forms_weighted_on_the_device_leave_the_ema_on_a_skipped_step(form):
     model, ema, before = a_model_its_ema_and_the_ema_before()
     benchmark_ema.FORMS[form](ema, model, torch.tensor(False))
-    for found, old in zip(benchmark_ema.floating_tensors(ema), before, strict=True):
+    for found, old in zip(benchmark_ema.averaged_tensors(ema, model)[0], before, strict=True):
         assert torch.equal(found, old)

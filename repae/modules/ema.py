@@ -22,6 +22,22 @@ def local_shard(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def tensor_pairs(ema: nn.Module, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(EMA tensor, model tensor) for every parameter and buffer, in module order: this rank's
+    shards (``local_shard``), the model's detached. Checks that the two modules match."""
+    pairs = []
+    for (name, ema_t), (model_name, model_t) in zip(
+        [*ema.named_parameters(), *ema.named_buffers()],
+        [*model.named_parameters(), *model.named_buffers()],
+        strict=True,
+    ):
+        assert name == model_name, f"EMA and model differ: {name} vs {model_name}"
+        if isinstance(ema_t, DTensor) != isinstance(model_t, DTensor):
+            raise ValueError(f"{name}: the EMA and the model must be sharded alike (both or neither)")
+        pairs.append((local_shard(ema_t), local_shard(model_t.detach())))
+    return pairs
+
+
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float, where: torch.Tensor | None = None) -> None:
     """ema <- decay * ema + (1 - decay) * model, for parameters and floating-point buffers.
@@ -36,17 +52,10 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float, where: torch.Tens
     kernel. Integer buffers are copied either way (the caller restores the model's on a skip).
     """
     ema_tensors, model_tensors = [], []
-    for (name, ema_t), (model_name, model_t) in zip(
-        [*ema.named_parameters(), *ema.named_buffers()],
-        [*model.named_parameters(), *model.named_buffers()],
-        strict=True,
-    ):
-        assert name == model_name, f"EMA and model differ: {name} vs {model_name}"
-        if isinstance(ema_t, DTensor) != isinstance(model_t, DTensor):
-            raise ValueError(f"{name}: the EMA and the model must be sharded alike (both or neither)")
+    for ema_t, model_t in tensor_pairs(ema, model):
         if ema_t.is_floating_point():
-            ema_tensors.append(local_shard(ema_t))
-            model_tensors.append(local_shard(model_t.detach()).to(ema_t.dtype))
+            ema_tensors.append(ema_t)
+            model_tensors.append(model_t.to(ema_t.dtype))
         else:
             ema_t.copy_(model_t)
     if where is not None:
