@@ -106,6 +106,19 @@ def clip_divisor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     return ((norm + 1e-6) / max_norm).clamp(min=1.0)
 
 
+def inductor_options(key: str, options: Mapping | None) -> dict:
+    """``options`` (the config's ``model.<key>``) as a dict, every name checked against inductor's."""
+    options = dict(to_plain(options) or {})
+    if options:  # checked only then: listing the options imports inductor (seconds)
+        unknown = sorted(set(options) - set(torch._inductor.list_options()))
+        if unknown:
+            raise ValueError(
+                f"model.{key}: unknown inductor option(s) {unknown}; the names are those of "
+                "torch._inductor.list_options()"
+            )
+    return options
+
+
 class REPAE(pl.LightningModule):
     """REPA-E training system. Sub-models are given as Hydra configs (``_target_`` dicts) so a
     checkpoint's hyperparameters alone rebuild the architecture.
@@ -129,6 +142,9 @@ class REPAE(pl.LightningModule):
         compile: torch.compile the SiT, the VAE, the encoders and the loss networks in place.
         compile_options: inductor options for those compilations (``torch.compile(options=...)``,
             names as in ``torch._inductor.list_options()``), e.g. ``coordinate_descent_tuning``.
+        vae_compile_options: inductor options for the VAE's compilation alone, over
+            ``compile_options``: an option that pays for the VAE's convolutional graphs but would
+            lengthen every network's compile (coordinate descent tuning) can be given to it alone.
         channels_last: keep the convolutional networks (VAE, discriminator, perceptual network) and
             their image inputs in NHWC memory format, which cuDNN's bf16 convolutions use natively
             (otherwise it converts every activation both ways). Same numbers, another layout.
@@ -154,6 +170,7 @@ class REPAE(pl.LightningModule):
         sampling: Mapping | None = None,
         compile: bool = False,
         compile_options: Mapping | None = None,
+        vae_compile_options: Mapping | None = None,
         channels_last: bool = False,
     ):
         super().__init__()
@@ -173,14 +190,11 @@ class REPAE(pl.LightningModule):
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
         self.sampling_defaults = dict(to_plain(sampling) or {})
         self.compile_models = compile
-        self.compile_options = dict(to_plain(compile_options) or {})
-        if self.compile_options:  # checked only then: listing the options imports inductor (seconds)
-            unknown = sorted(set(self.compile_options) - set(torch._inductor.list_options()))
-            if unknown:
-                raise ValueError(
-                    f"model.compile_options: unknown inductor option(s) {unknown}; the names are those "
-                    "of torch._inductor.list_options()"
-                )
+        self.compile_options = inductor_options("compile_options", compile_options)
+        self.vae_compile_options = {
+            **self.compile_options,
+            **inductor_options("vae_compile_options", vae_compile_options),
+        }
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
         self.encoders = build_encoders(**to_plain(encoder))
@@ -255,7 +269,8 @@ class REPAE(pl.LightningModule):
                 module.to(memory_format=torch.channels_last)
         if self.compile_models and stage == "fit":
             for module in [self.sit, *self.encoders, *convolutional]:
-                module.compile(options=self.compile_options or None)
+                options = self.vae_compile_options if module is self.vae else self.compile_options
+                module.compile(options=options or None)
 
     @cached_property
     def parameter_groups(self) -> list[tuple[str, list[nn.Parameter], float]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import itertools
 import json
 import statistics
@@ -88,6 +89,44 @@ def upsample_then_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return F.conv2d(upsampled, weight, bias, padding=1)
 
 
+class GarbageCollectionPauses:
+    """The host's pauses for Python's garbage collector while recording: (generation, ms) each.
+
+    A collection stops the host; if it lasts longer than the GPU work queued ahead, the GPU idles,
+    so a long pause shows as a slow step."""
+
+    def __init__(self):
+        self.pauses: list[tuple[int, float]] = []
+        self._started: float | None = None
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.pauses.append((info["generation"], 1e3 * (time.perf_counter() - self._started)))
+            self._started = None
+
+    def start(self) -> None:
+        if self._callback not in gc.callbacks:
+            gc.callbacks.append(self._callback)
+
+    def stop(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per generation: how many collections and their total and longest milliseconds."""
+        summary = {}
+        for generation in sorted({g for g, _ in self.pauses}):
+            times = [ms for g, ms in self.pauses if g == generation]
+            summary[f"generation_{generation}"] = {
+                "count": len(times),
+                "total_ms": sum(times),
+                "max_ms": max(times),
+            }
+        return summary
+
+
 class StepTimer(pl.Callback):
     """Step times on the GPU's own timeline, FLOPs of the first step, and optionally a kernel
     profile of the last two steps.
@@ -97,16 +136,18 @@ class StepTimer(pl.Callback):
     the CPU may run ahead of the GPU as it does in training, and the numbers are the throughput a
     training run sees. The first step (compilation) is timed on the wall clock."""
 
-    def __init__(self, count_flops: bool, total_steps: int, profile_path: Path | None):
+    def __init__(self, count_flops: bool, total_steps: int, warmup: int, profile_path: Path | None):
         self.events: list[torch.cuda.Event] = []
         self.first_step_s: float | None = None
         self.flops: int | None = None
         self.count_flops = count_flops
         self.total_steps = total_steps
+        self.warmup = warmup
         self.profile_path = profile_path
         self._counter: FlopCounterMode | None = None
         self._counting = contextlib.ExitStack()
         self._profiler: torch.profiler.profile | None = None
+        self.garbage_collection = GarbageCollectionPauses()
 
     @property
     def times(self) -> list[float]:
@@ -129,7 +170,10 @@ class StepTimer(pl.Callback):
             self._start = time.perf_counter()
         else:
             self._record()
+        if batch_idx == self.warmup:
+            self.garbage_collection.start()
         if self.profile_path and batch_idx == self.total_steps - 2:
+            self.garbage_collection.stop()  # the profiled steps are left out of the timing
             activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
             self._profiler = torch.profiler.profile(activities=activities)
             self._profiler.__enter__()
@@ -144,6 +188,7 @@ class StepTimer(pl.Callback):
             self._counter = None
         if batch_idx == self.total_steps - 1:
             self._record()
+            self.garbage_collection.stop()
             torch.cuda.synchronize()
         if self._profiler is not None and batch_idx == self.total_steps - 1:
             self._profiler.__exit__(None, None, None)
@@ -336,7 +381,10 @@ def main() -> None:
     )
     count_flops = args.flops_per_image is None and args.devices == 1 and not cfg.model.compile
     timer = StepTimer(
-        count_flops=count_flops, total_steps=args.warmup + args.steps, profile_path=args.profile
+        count_flops=count_flops,
+        total_steps=args.warmup + args.steps,
+        warmup=args.warmup,
+        profile_path=args.profile,
     )
     strategy = cfg.trainer.get("strategy", "auto")
     trainer = pl.Trainer(
@@ -375,6 +423,7 @@ def main() -> None:
         "first_step_s": timer.first_step_s,
         "images_per_second": images_per_second,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "garbage_collection_in_timed_steps": timer.garbage_collection.summary(),
     }
     flops_per_image = args.flops_per_image or (timer.flops / args.batch_size if timer.flops else None)
     if flops_per_image:

@@ -1,8 +1,10 @@
 """The benchmarks' yardsticks: MFU counts the model's FLOPs, however the model computes them; the EMA
-benchmark times forms that all compute the EMA."""
+benchmark times forms that all compute the EMA; the garbage collector's pauses are recorded only
+while asked for."""
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 from unittest import mock
@@ -21,6 +23,25 @@ import benchmark_ema  # noqa: E402
 
 def convolution_flops(counter: FlopCounterMode) -> int:
     return counter.get_flop_counts()["Global"][torch.ops.aten.convolution]
+
+
+def test_garbage_collection_pauses_are_recorded_by_generation_only_while_started():
+    pauses = benchmark.GarbageCollectionPauses()
+    gc.disable()  # only the collections asked for below
+    try:
+        gc.collect(1)
+        pauses.start()
+        gc.collect(0)
+        gc.collect(2)
+        gc.collect(2)
+        pauses.stop()
+        gc.collect(1)
+    finally:
+        gc.enable()
+    summary = pauses.summary()
+    assert set(summary) == {"generation_0", "generation_2"}
+    assert summary["generation_0"]["count"] == 1 and summary["generation_2"]["count"] == 2
+    assert 0 < summary["generation_2"]["max_ms"] <= summary["generation_2"]["total_ms"]
 
 
 def test_flops_count_the_upsampling_as_the_model_defines_it_not_as_it_runs():

@@ -62,6 +62,26 @@ def test_compile_options_reach_the_compilation_of_every_network(tiny_config, mon
     assert all(kwargs == {"options": {"coordinate_descent_tuning": True}} for _, kwargs in compiled)
 
 
-def test_an_unknown_compile_option_names_the_config_key(tiny_config):
-    with pytest.raises(Exception, match=r"model.compile_options.*'coordinate_descent_tunning'"):
-        build(tiny_config("model.compile_options={coordinate_descent_tunning: true}"))
+def test_vae_compile_options_reach_the_vae_alone_over_the_shared_ones(tiny_config, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compiled.append((self, kwargs)))
+    cfg = tiny_config(
+        "model.compile=true",
+        "model.compile_options={max_autotune: false, epilogue_fusion: true}",
+        "model.vae_compile_options={coordinate_descent_tuning: true, epilogue_fusion: false}",
+    )
+    model = build(cfg)
+    fit(cfg, model)
+    options = {id(module): kwargs["options"] for module, kwargs in compiled}
+    assert options.pop(id(model.vae)) == {
+        "max_autotune": False,
+        "epilogue_fusion": False,
+        "coordinate_descent_tuning": True,
+    }
+    assert options and all(o == {"max_autotune": False, "epilogue_fusion": True} for o in options.values())
+
+
+@pytest.mark.parametrize("key", ["compile_options", "vae_compile_options"])
+def test_an_unknown_compile_option_names_the_config_key(tiny_config, key):
+    with pytest.raises(Exception, match=rf"model.{key}.*'coordinate_descent_tunning'"):
+        build(tiny_config(f"model.{key}={{coordinate_descent_tunning: true}}"))
