@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor import DTensor
 
-from repae.modules.ema import make_ema, update_ema
+from repae.modules.ema import EMAUpdate, make_ema, update_ema
 from repae.modules.encoders import build_encoders
 from repae.modules.losses import call_with_frozen_parameters
 from repae.modules.samplers import generate_images
@@ -201,6 +201,7 @@ class REPAE(pl.LightningModule):
         self.vae = instantiate(to_plain(vae))
         self.sit = instantiate(to_plain(sit), z_dims=[e.embed_dim for e in self.encoders])
         self.ema = make_ema(self.sit)
+        self.ema_update: EMAUpdate | None = None  # made in on_train_start, for the SiT the strategy holds
         self.vae_loss = instantiate(to_plain(loss)) if mode == "e2e" else None
         if mode == "ldm_only":
             self.vae.requires_grad_(False).eval()
@@ -484,7 +485,7 @@ class REPAE(pl.LightningModule):
                 optimizer.optimizer.grad_scale = clip_divisor(grad_norms[name], self.max_grad_norm)
                 optimizer.step()
                 del optimizer.optimizer.found_inf, optimizer.optimizer.grad_scale
-            update_ema(self.ema, self.sit, self.ema_decay, where=finite)
+            self.ema_update(self.ema_decay, where=finite)
             self.consecutive_nonfinite = (self.consecutive_nonfinite + 1) * skipped  # a tensor
             check = (self.step + 1) % self.max_consecutive_nonfinite == 0
         else:
@@ -493,7 +494,7 @@ class REPAE(pl.LightningModule):
                 for name, (optimizer, params, _) in optimizers.items():
                     torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, grad_norms[name])
                     optimizer.step()
-                update_ema(self.ema, self.sit, self.ema_decay)
+                self.ema_update(self.ema_decay)
             else:
                 torch._foreach_copy_(self.step_buffers, buffers_before)
             self.consecutive_nonfinite = 0 if step_taken else self.consecutive_nonfinite + 1
@@ -548,6 +549,8 @@ class REPAE(pl.LightningModule):
     def on_train_start(self) -> None:
         if self.step >= self.max_train_steps:  # re-running a finished run: nothing to do
             self.trainer.should_stop = True
+        # Here, once the strategy has wrapped (or sharded) the SiT and a checkpoint was loaded into it.
+        self.ema_update = EMAUpdate(self.ema, self.sit, compile=self.compile_models and self.skips_on_device)
         # After the per-rank reseeding, which would otherwise restart the random streams.
         states = self.rng_states_to_restore
         if states and len(states) == self.trainer.world_size:

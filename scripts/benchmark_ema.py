@@ -2,18 +2,21 @@
 
     python scripts/benchmark_ema.py --sit SiT-XL/2
 
-- ``per_tensor_lerp`` (what ``update_ema(..., where=finite)`` runs on the GPU-side skip path): the
-  weight is a device tensor, 0 on a skipped step, for which ``_foreach_lerp_`` has no fast path, so
-  it launches one lerp kernel per tensor;
-- ``python_weight`` (``update_ema`` without ``where``, the host-side path): one fused
+- ``per_tensor_lerp`` (``EMAUpdate(ema, sit)(decay, where=finite)``, the GPU-side skip path
+  uncompiled): the weight is a device tensor, 0 on a skipped step, for which ``_foreach_lerp_`` has
+  no fast path, so it launches one lerp kernel per tensor;
+- ``per_tensor_lerp_lists_built_each_call`` (``update_ema(ema, sit, decay, where=finite)``): the
+  same, with the tensor lists built by walking both modules at every call, as the step did before;
+- ``python_weight`` (``EMAUpdate(ema, sit)(decay)``, the host-side path): one fused
   ``_foreach_lerp_`` with a Python weight; the floor, but it cannot skip a step without the host
   reading the finiteness flag;
-- ``compiled_foreach``: ``ema += w * (model - ema)`` as foreach ops under ``torch.compile``, which
-  fuses them into a few kernels; the seconds its first call took to compile are reported.
+- ``compiled_foreach`` (``EMAUpdate(ema, sit, compile=True)(decay, where=finite)``, the GPU-side
+  skip path under ``model.compile``): foreach ops under ``torch.compile``, which fuses them into a
+  few kernels; the seconds its first call took to compile are reported.
 
-For each: the GPU milliseconds of one update (CUDA events), the host milliseconds to queue one
-(what delays the next step's launches; the step's profile shows the GPU idle ~2.3 ms at each step
-start) and the largest difference to ``per_tensor_lerp``'s EMA.
+For each: the GPU milliseconds of one update (CUDA events around updates queued while the GPU
+sleeps, so the host's launch time is not counted), the host milliseconds to queue one (what delays
+the next step's launches) and the largest difference to ``per_tensor_lerp``'s EMA after one update.
 """
 
 from __future__ import annotations
@@ -25,41 +28,62 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from benchmark import report
-from benchmark_convolutions import time_ms
 
-from repae.modules.ema import make_ema, tensor_pairs, update_ema
+from repae.modules.ema import EMAUpdate, make_ema, update_ema
 from repae.modules.sit import SIT_MODEL_NAMES, build_sit
 
 DECAY = 0.9999
 
 
-def lerp_towards(
-    ema_tensors: list[torch.Tensor], model_tensors: list[torch.Tensor], weight: torch.Tensor
-) -> None:
-    torch._foreach_add_(
-        ema_tensors, torch._foreach_mul(torch._foreach_sub(model_tensors, ema_tensors), weight)
-    )
+def device_weighted(compile: bool):
+    """The GPU-side skip path: an ``EMAUpdate`` made once, weighted by the finiteness flag."""
+
+    def make(ema: nn.Module, model: nn.Module):
+        update = EMAUpdate(ema, model, compile=compile)
+        return lambda finite: update(DECAY, where=finite)
+
+    return make
 
 
-compiled_lerp_towards = torch.compile(lerp_towards, dynamic=False)
+def python_weight(ema: nn.Module, model: nn.Module):
+    update = EMAUpdate(ema, model)
+    return lambda finite: update(DECAY)
+
+
+def lists_built_each_call(ema: nn.Module, model: nn.Module):
+    return lambda finite: update_ema(ema, model, DECAY, where=finite)
+
+
+# Each form, given the EMA and the model, returns one update as a function of the finiteness flag.
+FORMS = {
+    "per_tensor_lerp": device_weighted(compile=False),
+    "per_tensor_lerp_lists_built_each_call": lists_built_each_call,
+    "python_weight": python_weight,
+    "compiled_foreach": device_weighted(compile=True),
+}
 
 
 def averaged_tensors(ema: nn.Module, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The EMA's and the model's tensors that ``update_ema`` averages (the floating-point ones),
-    selected as it selects them."""
-    pairs = [(e, m) for e, m in tensor_pairs(ema, model) if e.is_floating_point()]
-    return [e for e, _ in pairs], [m for _, m in pairs]
+    """The EMA's and the model's tensors that an ``EMAUpdate`` averages."""
+    update = EMAUpdate(ema, model)
+    return update.ema_tensors, update.model_tensors
 
 
-def compiled_foreach(ema: nn.Module, model: nn.Module, finite: torch.Tensor) -> None:
-    compiled_lerp_towards(*averaged_tensors(ema, model), finite * (1.0 - DECAY))
-
-
-FORMS = {
-    "per_tensor_lerp": lambda ema, model, finite: update_ema(ema, model, DECAY, where=finite),
-    "python_weight": lambda ema, model, finite: update_ema(ema, model, DECAY),
-    "compiled_foreach": compiled_foreach,
-}
+def gpu_ms(function, repeats: int = 3) -> float:
+    """Mean GPU milliseconds of ``function()``: its kernels are queued while the GPU sleeps, so the
+    events time their execution, not the host's launches (a few calls: the launch queue holds
+    ~1000 kernels)."""
+    for _ in range(3):
+        function()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(400_000_000)  # ~0.2 s at the H100's clock: longer than the host needs to queue
+    start.record()
+    for _ in range(repeats):
+        function()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
 
 
 def host_ms(function, repeats: int = 10) -> float:
@@ -86,25 +110,26 @@ def main() -> None:
     finite = torch.tensor(True, device="cuda")
     results = {"device": torch.cuda.get_device_name(), "sit": args.sit, "forms": {}}
     reference = None
-    for name, form in FORMS.items():
+    for name, make_form in FORMS.items():
         ema = make_ema(model)
         ema_tensors = averaged_tensors(ema, model)[0]
         results["tensors"] = len(ema_tensors)
         torch._foreach_mul_(ema_tensors, 0.5)  # the update must move every tensor
+        update = make_form(ema, model)
         start = time.perf_counter()
-        form(ema, model, finite)
+        update(finite)
         torch.cuda.synchronize()
         first_call_s = time.perf_counter() - start
         if reference is None:
-            reference = ema_tensors
+            reference = [t.clone() for t in ema_tensors]
         difference = max((a - b).abs().max().item() for a, b in zip(ema_tensors, reference, strict=True))
 
-        def update(form=form, ema=ema) -> None:
-            form(ema, model, finite)
+        def one_update(update=update) -> None:
+            update(finite)
 
         results["forms"][name] = {
-            "gpu_ms": time_ms(update),
-            "host_ms": host_ms(update),
+            "gpu_ms": gpu_ms(one_update),
+            "host_ms": host_ms(one_update),
             "first_call_s": first_call_s,
             "max_abs_difference_after_one_update": difference,
         }
