@@ -1,5 +1,6 @@
 """The EMA update: decay * ema + (1 - decay) * model for floating-point tensors, integer buffers
-copied, the EMA left as it is on a step flagged non-finite, and the same numbers compiled or not."""
+copied, the EMA left as it is on a step flagged non-finite, the same numbers compiled or not, and
+the compiled form compiled once."""
 
 from __future__ import annotations
 
@@ -64,3 +65,14 @@ def test_an_ema_of_another_architecture_is_refused():
     other = make_ema(torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.LayerNorm(5)))
     with pytest.raises(Exception, match="EMA and model differ"):
         EMAUpdate(other, model)
+
+
+def test_the_compiled_update_compiles_once_whatever_the_flag():
+    model, ema = a_model_and_its_ema()
+    update = EMAUpdate(ema, model, compile=True)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for flag in [True, False, True]:
+        train_a_little(model)
+        update(0.75, where=torch.tensor(flag))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
