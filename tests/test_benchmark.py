@@ -14,11 +14,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from repae.modules import vae as vae_module
-from repae.modules.ema import make_ema
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import benchmark  # noqa: E402
 import benchmark_ema  # noqa: E402
+from test_ema import a_model_and_its_ema, train_a_little  # noqa: E402
 
 
 def convolution_flops(counter: FlopCounterMode) -> int:
@@ -74,13 +74,8 @@ def test_flops_count_the_upsampling_as_the_model_defines_it_not_as_it_runs():
 
 
 def a_model_its_ema_and_the_ema_before():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5))
-    ema = make_ema(model)
-    model(torch.randn(8, 3))  # the BatchNorm statistics move too
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter))
+    model, ema = a_model_and_its_ema()
+    train_a_little(model)
     return model, ema, [t.clone() for t in benchmark_ema.averaged_tensors(ema, model)[0]]
 
 

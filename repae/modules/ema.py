@@ -60,9 +60,9 @@ class EMAUpdate:
     integer buffers (``num_batches_tracked``) are copied. ``decay=0`` copies ``model`` exactly.
 
     The tensor lists are built once (``tensor_pairs``): building them walks both modules, ~2 ms of
-    host time for SiT-XL on an H100 machine, which every step would pay. They stay valid while the modules keep their
-    tensors (loading a state dict copies into them); after the modules are wrapped, sharded or
-    moved, make a new ``EMAUpdate``.
+    host time for SiT-XL on an H100 machine, which every step would pay. They stay valid while the
+    modules keep their tensors (loading a state dict copies into them); after the modules are
+    wrapped, sharded or moved, make a new ``EMAUpdate``.
 
     ``compile``: on the device-decided path (``where``), one compiled foreach update (a few fused
     kernels; SiT-XL's compiles in ~20 s) instead of one lerp kernel per tensor.
@@ -74,6 +74,7 @@ class EMAUpdate:
         self.ema_tensors = [e for e, _ in averaged]
         self.model_tensors = [m for _, m in averaged]
         self.model_dtype_differs = any(e.dtype != m.dtype for e, m in averaged)
+        self.dtypes = [e.dtype for e in self.ema_tensors]
         copied = [(e, m) for e, m in pairs if not e.is_floating_point()]
         self.copied_ema_tensors = [e for e, _ in copied]
         self.copied_model_tensors = [m for _, m in copied]
@@ -93,8 +94,8 @@ class EMAUpdate:
         if where is not None and self.compiled_lerp_towards is not None:
             self.compiled_lerp_towards(ema_tensors, model_tensors, where * (1.0 - decay))
         elif where is not None:
-            weights = {dtype: (where * (1.0 - decay)).to(dtype) for dtype in {t.dtype for t in ema_tensors}}
-            torch._foreach_lerp_(ema_tensors, model_tensors, [weights[t.dtype] for t in ema_tensors])
+            weights = {dtype: (where * (1.0 - decay)).to(dtype) for dtype in set(self.dtypes)}
+            torch._foreach_lerp_(ema_tensors, model_tensors, [weights[dtype] for dtype in self.dtypes])
         elif decay == 0:
             torch._foreach_copy_(ema_tensors, model_tensors)
         else:
