@@ -19,16 +19,10 @@ import torch
 import torch.nn.functional as F
 from benchmark import report, upsample_then_conv3x3
 from benchmark_convolutions import time_ms
-from benchmark_vae import vae_argument_parser
+from benchmark_vae import module_input_shapes, vae_argument_parser
 from torch import Tensor
 
-from repae.modules.vae import (
-    Upsample,
-    build_vae,
-    is_channels_last,
-    upsample_conv3x3,
-    upsampled_kernel_taps,
-)
+from repae.modules.vae import Upsample, is_channels_last, upsample_conv3x3, upsampled_kernel_taps
 
 # Output parity (even/odd row) -> the two of the transposed kernel's four taps it uses: row 2i
 # reads input rows (i-1, i) with taps (K3, K1), row 2i+1 rows (i, i+1) with (K2, K0).
@@ -56,23 +50,6 @@ def subpixel(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 FORMS = {"upsample_then_conv3x3": upsample_then_conv3x3, "subpixel": subpixel, "transposed": upsample_conv3x3}
 
 
-def upsampling_inputs(vae_name: str, batch_size: int, resolution: int) -> list[tuple[int, ...]]:
-    """The input shape [B, C, H, W] of each of the decoder's Upsample modules."""
-    vae = build_vae(vae_name)
-    shapes = []
-    hooks = [
-        module.register_forward_hook(lambda _module, args, _out: shapes.append(tuple(args[0].shape)))
-        for module in vae.modules()
-        if isinstance(module, Upsample)
-    ]
-    latent = vae.encode(torch.zeros(1, 3, resolution, resolution)).mode()
-    with torch.no_grad():
-        vae.decode(latent)
-    for hook in hooks:
-        hook.remove()
-    return [(batch_size, *shape[1:]) for shape in shapes]
-
-
 def time_form(form, x: Tensor, weight: Tensor, bias: Tensor, grad: Tensor) -> tuple[float, Tensor]:
     """Milliseconds of the compiled form's forward and backward, and its output (float32)."""
     compiled = torch.compile(form, dynamic=False)
@@ -93,8 +70,7 @@ def main() -> None:
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     results = {"device": torch.cuda.get_device_name(), "vae": args.vae, "batch_size": args.batch_size}
     results["channels_last"], results["shapes"] = args.channels_last, {}
-    with torch.no_grad():
-        shapes = upsampling_inputs(args.vae, args.batch_size, args.resolution)
+    shapes = module_input_shapes(args.vae, args.batch_size, args.resolution, Upsample)
     for shape in shapes:
         b, c, h, w = shape
         torch.manual_seed(0)

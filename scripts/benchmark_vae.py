@@ -37,6 +37,25 @@ def vae_argument_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def module_input_shapes(
+    vae_name: str, batch_size: int, resolution: int, module_type: type[torch.nn.Module]
+) -> list[tuple[int, ...]]:
+    """The input shape [batch_size, C, H, W] of each ``module_type`` module of the VAE, in the order
+    encode then decode runs them (found by running both on one image on the CPU)."""
+    vae = build_vae(vae_name)
+    shapes = []
+    hooks = [
+        module.register_forward_hook(lambda _module, args, _out: shapes.append(tuple(args[0].shape)))
+        for module in vae.modules()
+        if isinstance(module, module_type)
+    ]
+    with torch.no_grad():
+        vae.decode(vae.encode(torch.zeros(1, 3, resolution, resolution)).mode())
+    for hook in hooks:
+        hook.remove()
+    return [(batch_size, *shape[1:]) for shape in shapes]
+
+
 def main() -> None:
     parser = vae_argument_parser(__doc__)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")

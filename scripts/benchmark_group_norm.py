@@ -1,0 +1,111 @@
+"""Time the VAE's GroupNorm + swish, forward and backward, compiled, at the shapes the VAE runs it:
+
+    python scripts/benchmark_group_norm.py --vae f8d4
+
+Always the channels_last path (``--channels-last`` changes nothing; NCHW goes to ``F.group_norm``): (``group_norm_channels_last`` with conv1's bias as ``input_bias``, then
+swish, cast to bf16 for the next convolution) under each set of inductor options of ``OPTIONS``.
+For each distinct input shape: the milliseconds of forward + backward (the gradients of x, the
+weight, the bias and the input bias), the kernels that ran with their GPU microseconds per call,
+and the largest differences to the first variant's output and gradients. Where the backward's
+passes go is what this shows: at 256 x 256, 128 channels, 32 images, torch.compile writes the
+float32 product of the gradient and swish' out and reads it back in two more passes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from benchmark import report
+from benchmark_convolutions import time_ms
+from benchmark_vae import module_input_shapes, vae_argument_parser
+
+from repae.modules.vae import GroupNorm, group_norm_channels_last, swish
+
+COORDINATE_DESCENT = {"coordinate_descent_tuning": True}
+OPTIONS = {
+    "default": {},
+    "coordinate_descent": COORDINATE_DESCENT,
+    # Inductor writes a value used twice out to memory when computing it reads more than 4 buffers
+    # or takes more than 30 ops; higher thresholds make it recompute the value in each consumer.
+    "coordinate_descent_realize_thresholds": {
+        **COORDINATE_DESCENT,
+        "realize_reads_threshold": 16,
+        "realize_opcount_threshold": 1000,
+    },
+}
+
+
+def group_norm_then_swish(x, weight, bias, input_bias):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        return swish(group_norm_channels_last(x, 32, weight, bias, 1e-6, input_bias)).to(torch.bfloat16)
+
+
+FORMS = {"group_norm_then_swish": group_norm_then_swish}
+
+
+def kernels_per_call(step, calls: int = 3) -> list[tuple[str, float, int]]:
+    """(kernel name, GPU microseconds per call of ``step``, launches per call), costliest first."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    rows = [
+        (event.key[:100], round(event.device_time_total / calls, 1), event.count // calls)
+        for event in profiler.key_averages()
+        if event.device_time_total > 0
+    ]
+    return sorted(rows, key=lambda row: -row[1])
+
+
+def time_variant(form, options: dict, inputs: tuple, grad: torch.Tensor) -> dict:
+    """The form compiled with these inductor options: its forward + backward's milliseconds, output,
+    gradients (of every input) and kernels."""
+    torch._dynamo.reset()  # each variant compiles afresh, not as a recompilation of the last
+    compiled = torch.compile(form, dynamic=False, options=options)
+
+    def step():
+        out = compiled(*inputs)
+        return out, torch.autograd.grad(out, inputs, grad)
+
+    out, grads = step()
+    return {"ms": time_ms(step), "out": out, "grads": grads, "kernels": kernels_per_call(step)[:10]}
+
+
+def main() -> None:
+    args = vae_argument_parser(__doc__).parse_args()
+    counts = Counter(module_input_shapes(args.vae, args.batch_size, args.resolution, GroupNorm))
+    results = {"device": torch.cuda.get_device_name(), "vae": args.vae, "shapes": {}}
+    for shape, norms in sorted(counts.items(), key=lambda item: -item[0][2]):
+        torch.manual_seed(0)
+        channels = shape[1]
+        x = (2 * torch.randn(shape, device="cuda") + 0.5).to(torch.bfloat16)
+        x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+        weight = (1 + 0.1 * torch.randn(channels, device="cuda")).requires_grad_()
+        bias = (0.1 * torch.randn(channels, device="cuda")).requires_grad_()
+        input_bias = (0.1 * torch.randn(channels, device="cuda")).requires_grad_()
+        inputs, grad = (x, weight, bias, input_bias), torch.randn_like(x)
+        timings, reference = {"norms_in_the_vae": norms}, None
+        for form_name, form in FORMS.items():
+            for options_name, options in OPTIONS.items():
+                variant = time_variant(form, options, inputs, grad)
+                reference = reference or variant
+                timings[f"{form_name} {options_name}"] = row = {
+                    "forward_backward_ms": variant["ms"],
+                    "max_abs_difference": (variant["out"].float() - reference["out"].float())
+                    .abs()
+                    .max()
+                    .item(),
+                    "max_abs_gradient_differences": [
+                        (g.float() - r.float()).abs().max().item()
+                        for g, r in zip(variant["grads"], reference["grads"], strict=True)
+                    ],
+                    "kernels": variant["kernels"],
+                }
+                print(shape, form_name, options_name, row, flush=True)
+        results["shapes"]["x".join(map(str, shape))] = timings
+    report(results, args.output)
+
+
+if __name__ == "__main__":
+    main()
