@@ -1,6 +1,7 @@
 """Time the VAE's GroupNorm + swish, forward and backward, compiled, at the shapes the VAE runs it:
 
     python scripts/benchmark_group_norm.py --vae f8d4
+    python scripts/benchmark_group_norm.py --min-size 128 --options coordinate_descent   # minutes less
 
 Always the channels_last path (``--channels-last`` changes nothing; NCHW goes to ``F.group_norm``): (``group_norm_channels_last`` with conv1's bias as ``input_bias``, then
 swish, cast to bf16 for the next convolution) under each set of inductor options of ``OPTIONS``.
@@ -73,8 +74,16 @@ def time_variant(form, options: dict, inputs: tuple, grad: torch.Tensor) -> dict
 
 
 def main() -> None:
-    args = vae_argument_parser(__doc__).parse_args()
+    parser = vae_argument_parser(__doc__)
+    parser.add_argument(
+        "--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS), help="(default: all)"
+    )
+    parser.add_argument(
+        "--min-size", type=int, default=0, help="only inputs at least this high and wide (default: all)"
+    )
+    args = parser.parse_args()
     counts = Counter(module_input_shapes(args.vae, args.batch_size, args.resolution, GroupNorm))
+    counts = {shape: norms for shape, norms in counts.items() if shape[2] >= args.min_size}
     results = {"device": torch.cuda.get_device_name(), "vae": args.vae, "shapes": {}}
     for shape, norms in sorted(counts.items(), key=lambda item: -item[0][2]):
         torch.manual_seed(0)
@@ -87,8 +96,8 @@ def main() -> None:
         inputs, grad = (x, weight, bias, input_bias), torch.randn_like(x)
         timings, reference = {"norms_in_the_vae": norms}, None
         for form_name, form in FORMS.items():
-            for options_name, options in OPTIONS.items():
-                variant = time_variant(form, options, inputs, grad)
+            for options_name in args.options:
+                variant = time_variant(form, OPTIONS[options_name], inputs, grad)
                 reference = reference or variant
                 timings[f"{form_name} {options_name}"] = row = {
                     "forward_backward_ms": variant["ms"],
