@@ -3,8 +3,9 @@
     python scripts/benchmark_group_norm.py --vae f8d4
     python scripts/benchmark_group_norm.py --min-size 128 --options coordinate_descent   # minutes less
 
-Always the channels_last path (``--channels-last`` changes nothing; NCHW goes to ``F.group_norm``): (``group_norm_channels_last`` with conv1's bias as ``input_bias``, then
-swish, cast to bf16 for the next convolution) under each set of inductor options of ``OPTIONS``.
+Always the channels_last path (``--channels-last`` changes nothing; NCHW goes to ``F.group_norm``):
+``group_norm_channels_last`` with conv1's bias as ``input_bias``, then swish, cast to bf16 for the
+next convolution, under each set of inductor options of ``OPTIONS`` (``--options``).
 For each distinct input shape: the milliseconds of forward + backward (the gradients of x, the
 weight, the bias and the input bias), the kernels that ran with their GPU microseconds per call,
 and the largest differences to the first variant's output and gradients. Where the backward's
@@ -59,6 +60,10 @@ def kernels_per_call(step, calls: int = 3) -> list[tuple[str, float, int]]:
     return sorted(rows, key=lambda row: -row[1])
 
 
+def max_abs_difference(found: torch.Tensor, expected: torch.Tensor) -> float:
+    return (found.float() - expected.float()).abs().max().item()
+
+
 def time_variant(form, options: dict, inputs: tuple, grad: torch.Tensor) -> dict:
     """The form compiled with these inductor options: its forward + backward's milliseconds, output,
     gradients (of every input) and kernels."""
@@ -101,12 +106,9 @@ def main() -> None:
                 reference = reference or variant
                 timings[f"{form_name} {options_name}"] = row = {
                     "forward_backward_ms": variant["ms"],
-                    "max_abs_difference": (variant["out"].float() - reference["out"].float())
-                    .abs()
-                    .max()
-                    .item(),
+                    "max_abs_difference": max_abs_difference(variant["out"], reference["out"]),
                     "max_abs_gradient_differences": [
-                        (g.float() - r.float()).abs().max().item()
+                        max_abs_difference(g, r)
                         for g, r in zip(variant["grads"], reference["grads"], strict=True)
                     ],
                     "kernels": variant["kernels"],
