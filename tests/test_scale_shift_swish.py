@@ -1,5 +1,6 @@
-"""The CUDA kernel of the GroupNorm + swish backward computes the sums the reference computes: run
-on the CPU by Triton's interpreter, in a process of its own (the interpreter is chosen at import)."""
+"""The CUDA forms of the GroupNorm + swish backward's sums compute what the torch form computes: the
+Triton kernel run on the CPU by Triton's interpreter, in a process of its own (the interpreter is
+chosen at import), and the torch form compiled."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from repae.modules import scale_shift_swish as module
 
 pytest.importorskip("triton")
 
@@ -40,3 +44,12 @@ def test_the_triton_reduction_sums_what_the_torch_form_sums():
         [sys.executable, "-c", CHECK], env=env, cwd=root, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_the_compiled_torch_form_sums_what_the_eager_one_sums():
+    """The other CUDA form (``CUDA_SUMS = "compiled"``), compiled here for the CPU."""
+    torch.manual_seed(0)
+    grad, x = (torch.randn(2, 96, 5, 7).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    scale, shift = torch.randn(2, 96), torch.randn(2, 96)
+    expected = module.grad_sums(grad, x, scale, shift)
+    torch.testing.assert_close(module.compiled_grad_sums(grad, x, scale, shift), expected)

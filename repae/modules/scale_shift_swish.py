@@ -28,6 +28,10 @@ except ImportError:  # a CPU-only install: the CUDA kernel is never launched
 TILE_ELEMENTS = 4096
 TARGET_PROGRAMS = 1024
 NUM_WARPS = 4
+# Which form sums on CUDA (to be settled by scripts/benchmark_group_norm.py): "triton", the kernel
+# below, or "compiled", ``grad_sums`` compiled as a graph of its own, where dz has no consumer
+# outside the reduction, so inductor computes it inside the reduction kernel.
+CUDA_SUMS = "triton"
 
 
 def swish_derivative(z: Tensor) -> Tensor:
@@ -42,15 +46,25 @@ def affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     return torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])
 
 
+def grad_sums(grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``scale_shift_swish_grad_sums`` in torch ops."""
+    x = x.to(scale.dtype)
+    dz = grad.to(scale.dtype) * swish_derivative(affine(x, scale, shift))
+    return torch.stack([dz.sum((2, 3)), (dz * x).sum((2, 3))], dim=1)
+
+
+compiled_grad_sums = torch.compile(grad_sums, dynamic=False)
+
+
 @torch.library.custom_op("repae::scale_shift_swish_grad_sums", mutates_args=())
 def scale_shift_swish_grad_sums(grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """[B, 2, C]: the sums over H, W of ``dz`` and ``dz * x``, ``dz = grad * swish'(x * scale + shift)``
     (the gradients of shift and scale). grad, x: [B, C, H, W]; scale, shift: [B, C] float32."""
+    if grad.is_cuda and CUDA_SUMS == "compiled":
+        return compiled_grad_sums(grad, x, scale, shift)
     if grad.is_cuda and triton is not None:
         return _grad_sums_triton(grad, x, scale, shift)
-    x = x.to(scale.dtype)
-    dz = grad.to(scale.dtype) * swish_derivative(affine(x, scale, shift))
-    return torch.stack([dz.sum((2, 3)), (dz * x).sum((2, 3))], dim=1)
+    return grad_sums(grad, x, scale, shift)
 
 
 @scale_shift_swish_grad_sums.register_fake
