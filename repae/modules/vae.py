@@ -81,6 +81,30 @@ def swish(x: Tensor) -> Tensor:
     return x * torch.sigmoid(x)
 
 
+class ChannelMoments(torch.autograd.Function):
+    """The variance and mean over H*W of each channel of a channels_last [B, C, H, W] tensor, [B, C]
+    each in at least float32. Its backward is element-wise with the saved mean, where autograd's
+    ``var_mean`` backward recomputes the mean: a reduction over the activation that torch.compile
+    fuses into the norm's other backward reductions, and that would be a pass of its own once those
+    are an op of their own (``scale_shift_swish``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:
+        b, c, h, w = x.shape
+        rows = at_least_float32(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
+        var, mean = torch.var_mean(rows, dim=1, correction=0)
+        ctx.save_for_backward(x, mean)
+        return var, mean
+
+    @staticmethod
+    def backward(ctx, grad_var: Tensor, grad_mean: Tensor) -> Tensor:
+        x, mean = ctx.saved_tensors
+        positions = x.shape[2] * x.shape[3]
+        centred = at_least_float32(x) - mean[:, :, None, None]
+        grad = (2 * grad_var[:, :, None, None] * centred + grad_mean[:, :, None, None]) / positions
+        return grad.to(x.dtype)
+
+
 def group_norm_scale_shift(
     x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float, input_bias: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -97,11 +121,8 @@ def group_norm_scale_shift(
     write of the activation: a per-channel constant moves the channel means, not their variances.
     """
     b, c, h, w = x.shape
-    x_float = at_least_float32(x)
-    dtype = x_float.dtype
-    channel_var, channel_mean = torch.var_mean(
-        x_float.permute(0, 2, 3, 1).reshape(b, h * w, c), dim=1, correction=0
-    )
+    channel_var, channel_mean = ChannelMoments.apply(x)
+    dtype = channel_mean.dtype
     input_bias = 0.0 if input_bias is None else input_bias.to(dtype)
     channel_mean = channel_mean + input_bias
     channel_var, channel_mean = channel_var.view(b, num_groups, -1), channel_mean.view(b, num_groups, -1)
