@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from functorch.compile import min_cut_rematerialization_partition
+from torch._dynamo.backends.common import aot_autograd
 
 from repae.modules import scale_shift_swish as module
+from repae.modules.vae import group_norm_swish_channels_last
 
 pytest.importorskip("triton")
 
@@ -53,3 +56,35 @@ def test_the_compiled_torch_form_sums_what_the_eager_one_sums():
     scale, shift = torch.randn(2, 96), torch.randn(2, 96)
     expected = module.grad_sums(grad, x, scale, shift)
     torch.testing.assert_close(module.compiled_grad_sums(grad, x, scale, shift), expected)
+
+
+def test_the_fused_backward_reads_the_activation_for_reductions_only_in_its_sums_op():
+    """What the fused form is for: no other reduction over the [B, C, H, W] activation is left in the
+    backward graph torch.compile partitions (a recomputed channel mean, say, would be a pass of its
+    own on the GPU)."""
+    reductions = []
+
+    def record_backward(graph_module, _inputs):
+        for node in graph_module.graph.nodes:
+            name = str(node.target)
+            if node.op == "call_function" and any(op in name for op in ("mean", "sum", "var", "scale_shift")):
+                reductions.append((name, node.args[0].meta["val"].numel()))
+        return graph_module
+
+    backend = aot_autograd(
+        fw_compiler=lambda graph_module, _inputs: graph_module,
+        bw_compiler=record_backward,
+        partition_fn=min_cut_rematerialization_partition,
+    )
+    x = torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight, bias, input_bias = (torch.randn(64, requires_grad=True) for _ in range(3))
+    torch._dynamo.reset()
+
+    @torch.compile(backend=backend)
+    def norm(x, weight, bias, input_bias):
+        return group_norm_swish_channels_last(x, 32, weight, bias, 1e-6, input_bias)
+
+    norm(x, weight, bias, input_bias).sum().backward()
+
+    over_the_activation = [name for name, numel in reductions if numel == x.numel()]
+    assert reductions and over_the_activation == ["repae.scale_shift_swish_grad_sums.default"], reductions
