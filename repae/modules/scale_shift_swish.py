@@ -1,13 +1,14 @@
 """``swish(x * scale + shift)`` with one (scale, shift) per (image, channel): the GroupNorm + swish of
-the VAE's channels_last path, with a backward that reads the activation twice and writes nothing else.
+the VAE's channels_last path, with a backward that reads the activation and its gradient twice and
+writes nothing but the gradient of x.
 
 Autograd's backward of ``swish(addcmul(shift, x, scale))`` forms ``dz = grad * swish'(z)`` once and
 then reduces it over the H*W positions (the gradients of scale and shift) and multiplies it by the
 scale (the gradient of x). torch.compile writes that float32 ``dz`` out between the two, one write
 and two reads of twice the activation's bf16 size: at 256 x 256, 128 channels, 32 images, the three
 passes take ~1.9 ms on an H100 where reading the gradient and x twice takes ~0.9 ms. Here the
-reduction is one op of its own (a Triton kernel on CUDA) that recomputes ``dz`` from the gradient
-and x as it reads them, and the gradient of x recomputes it once more, element-wise, where
+reduction is one op of its own (on CUDA a Triton kernel, or the torch form compiled on its own:
+``CUDA_SUMS``) that recomputes ``dz`` from the gradient and x as it reads them, and the gradient of x recomputes it once more, element-wise, where
 torch.compile fuses it with the rest of the GroupNorm's backward.
 """
 
