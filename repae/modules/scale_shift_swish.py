@@ -8,8 +8,9 @@ scale (the gradient of x). torch.compile writes that float32 ``dz`` out between 
 and two reads of twice the activation's bf16 size: at 256 x 256, 128 channels, 32 images, the three
 passes take ~1.9 ms on an H100 where reading the gradient and x twice takes ~0.9 ms. Here the
 reduction is one op of its own (on CUDA a Triton kernel, or the torch form compiled on its own:
-``CUDA_SUMS``) that recomputes ``dz`` from the gradient and x as it reads them, and the gradient of x recomputes it once more, element-wise, where
-torch.compile fuses it with the rest of the GroupNorm's backward.
+``CUDA_SUMS``) that recomputes ``dz`` from the gradient and x as it reads them; the gradient of x
+recomputes it once more, element-wise, where torch.compile fuses it with the rest of the
+GroupNorm's backward.
 """
 
 from __future__ import annotations

@@ -83,10 +83,10 @@ def swish(x: Tensor) -> Tensor:
 
 class ChannelMoments(torch.autograd.Function):
     """The variance and mean over H*W of each channel of a channels_last [B, C, H, W] tensor, [B, C]
-    each in at least float32. Its backward is element-wise with the saved mean, where autograd's
-    ``var_mean`` backward recomputes the mean: a reduction over the activation that torch.compile
-    fuses into the norm's other backward reductions, and that would be a pass of its own once those
-    are an op of their own (``scale_shift_swish``)."""
+    each in at least float32. Its backward is element-wise with the saved mean. Autograd's
+    ``var_mean`` backward recomputes the mean, a reduction over the whole activation; with the
+    norm's other backward reductions in an op of their own (``scale_shift_swish``) the compiled
+    backward graph kept it, a pass of its own on the GPU."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:
