@@ -19,6 +19,7 @@ from repae.modules.vae import (
     build_vae,
     group_norm_channels_last,
     load_vae_weights,
+    swish,
     upsample_conv3x3,
 )
 
@@ -240,6 +241,29 @@ def test_channels_last_group_norm_equals_torch_and_stays_channels_last():
         [weight, bias],
     )
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    "memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"]
+)
+def test_group_norm_then_swish_has_the_values_and_gradients_of_the_norm_followed_by_swish(memory_format):
+    """On the channels_last path the pair is one autograd function with its own backward."""
+    torch.manual_seed(0)
+    norm = GroupNorm(num_groups=32, num_channels=64).to(torch.float64)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    input_bias = 2 * torch.randn(64, dtype=torch.float64, requires_grad=True)
+    x = (3 * torch.randn(2, 64, 5, 7, dtype=torch.float64) + 1).contiguous(memory_format=memory_format)
+    grad_output = torch.randn(2, 64, 5, 7, dtype=torch.float64)
+
+    out = assert_same_values_and_gradients(
+        lambda t: norm(t, input_bias=input_bias, then_swish=True),
+        lambda t: swish(F.group_norm(t + input_bias[:, None, None], 32, norm.weight, norm.bias, norm.eps)),
+        x,
+        grad_output,
+        [norm.weight, norm.bias, input_bias],
+        tolerance=1e-10,
+    )
+    assert out.is_contiguous(memory_format=memory_format)
 
 
 @pytest.mark.parametrize(
