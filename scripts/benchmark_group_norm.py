@@ -22,7 +22,6 @@ from benchmark import report
 from benchmark_convolutions import time_ms
 from benchmark_vae import module_input_shapes, vae_argument_parser
 
-from repae.modules import scale_shift_swish
 from repae.modules.vae import GroupNorm, group_norm_channels_last, group_norm_swish_channels_last, swish
 
 COORDINATE_DESCENT = {"coordinate_descent_tuning": True}
@@ -49,13 +48,7 @@ def group_norm_swish(x, weight, bias, input_bias):
         return group_norm_swish_channels_last(x, 32, weight, bias, 1e-6, input_bias)
 
 
-FORMS = {
-    "group_norm_then_swish": group_norm_then_swish,
-    "group_norm_swish_triton_sums": group_norm_swish,
-    "group_norm_swish_compiled_sums": group_norm_swish,
-}
-# The form of the fused backward's sums (``scale_shift_swish.CUDA_SUMS``, read when the op runs).
-CUDA_SUMS = {"group_norm_swish_triton_sums": "triton", "group_norm_swish_compiled_sums": "compiled"}
+FORMS = {"group_norm_then_swish": group_norm_then_swish, "group_norm_swish": group_norm_swish}
 
 
 def kernels_per_call(step, calls: int = 3) -> list[tuple[str, float, int]]:
@@ -113,7 +106,6 @@ def main() -> None:
         inputs, grad = (x, weight, bias, input_bias), torch.randn_like(x)
         timings, reference = {"norms_in_the_vae": norms}, None
         for form_name, form in FORMS.items():
-            scale_shift_swish.CUDA_SUMS = CUDA_SUMS.get(form_name, "triton")
             for options_name in args.options:
                 variant = time_variant(form, OPTIONS[options_name], inputs, grad)
                 reference = reference or variant
