@@ -3,14 +3,17 @@
     python scripts/benchmark_group_norm.py --vae f8d4
     python scripts/benchmark_group_norm.py --min-size 128 --options coordinate_descent   # minutes less
 
-Always the channels_last path (``--channels-last`` changes nothing; NCHW goes to ``F.group_norm``):
-``group_norm_channels_last`` with conv1's bias as ``input_bias``, then swish, cast to bf16 for the
-next convolution, under each set of inductor options of ``OPTIONS`` (``--options``).
+Always the channels_last path (``--channels-last`` changes nothing; NCHW goes to ``F.group_norm``),
+with conv1's bias as ``input_bias`` and the result in bf16 for the next convolution, in two forms
+(``FORMS``): ``group_norm_channels_last`` then swish, as torch.compile fuses the pair, and the
+model's ``group_norm_swish_channels_last`` (its backward's sums in a Triton kernel of their own),
+each under every set of inductor options of ``OPTIONS`` (``--options``).
 For each distinct input shape: the milliseconds of forward + backward (the gradients of x, the
-weight, the bias and the input bias), the kernels that ran with their GPU microseconds per call,
-and the largest differences to the first variant's output and gradients. Where the backward's
-passes go is what this shows: at 256 x 256, 128 channels, 32 images, torch.compile writes the
-float32 product of the gradient and swish' out and reads it back in two more passes.
+weight, the bias and the input bias; per-call CUDA events, so host time counts where the host is
+the slower), the kernels that ran with their GPU microseconds per call, and the largest differences
+to the first variant's output and gradients. At 256 x 256, 128 channels, 32 images the pair's
+backward writes the float32 product of the gradient and swish' out and reads it back in two more
+passes; the fused form's reads the gradient and x twice.
 """
 
 from __future__ import annotations

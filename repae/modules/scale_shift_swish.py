@@ -38,10 +38,14 @@ def swish_derivative(z: Tensor) -> Tensor:
     return s * (1 + z * (1 - s))
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """x in float32, or as it is if its dtype is wider (float64): where reductions need the precision."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """x [B, C, H, W] * scale [B, C] + shift [B, C], in at least float32."""
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
-    return torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])
+    return torch.addcmul(shift[:, :, None, None], at_least_float32(x), scale[:, :, None, None])
 
 
 def grad_sums(grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repae.modules.scale_shift_swish import scale_shift_swish
+from repae.modules.scale_shift_swish import affine, at_least_float32, scale_shift_swish
 from repae.modules.state_dict import StateDictDiff, describe
 
 
@@ -70,11 +70,6 @@ class DiagonalGaussianDistribution:
 def is_channels_last(x: Tensor) -> bool:
     """Whether a 4-D tensor is laid out NHWC (and not also NCHW, as tensors with H = W = 1 are)."""
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
-def at_least_float32(x: Tensor) -> Tensor:
-    """x in float32, or as it is if its dtype is wider (float64): where reductions need the precision."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def swish(x: Tensor) -> Tensor:
@@ -142,7 +137,7 @@ def group_norm_channels_last(
     float32; returned in float32 under CUDA autocast (which runs group_norm in float32), otherwise
     in x's dtype, as ``F.group_norm``."""
     scale, shift = group_norm_scale_shift(x, num_groups, weight, bias, eps, input_bias)
-    out = torch.addcmul(shift[:, :, None, None], at_least_float32(x), scale[:, :, None, None])
+    out = affine(x, scale, shift)
     return out if x.is_cuda and torch.is_autocast_enabled("cuda") else out.to(x.dtype)
 
 
