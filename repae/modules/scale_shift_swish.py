@@ -62,9 +62,9 @@ def scale_shift_swish_grad_sums(grad: Tensor, x: Tensor, scale: Tensor, shift: T
 
     A ``triton_op`` rather than a ``custom_op``: torch.compile traces into it and launches the kernel
     from its own generated code. An opaque ``custom_op`` is called through Python at every use,
-    which cost up to 0.75 ms of host time per norm in the micro-benchmark (H100) and left the XL/1
-    step waiting on the host. Without triton (a CPU-only install) torch logs one warning when this
-    op is defined."""
+    which cost up to 0.75 ms of host time per norm in the micro-benchmark (H100), where the host
+    limits; the training step measures the same with both (docs/performance.md). Without triton (a
+    CPU-only install) torch logs one warning when this op is defined."""
     if grad.is_cuda and triton is not None:
         return _grad_sums_triton(grad, x, scale, shift)
     return grad_sums(grad, x, scale, shift)
