@@ -3,7 +3,7 @@
     python scripts/benchmark_group_norm.py --vae f8d4
     python scripts/benchmark_group_norm.py --min-size 128 --options coordinate_descent   # minutes less
 
-Always the channels_last path (``--channels-last`` changes nothing; NCHW goes to ``F.group_norm``),
+Always the channels_last path (NCHW goes to ``F.group_norm``, so there is no ``--channels-last``),
 with conv1's bias as ``input_bias`` and the result in bf16 for the next convolution, in two forms
 (``FORMS``): ``group_norm_channels_last`` then swish, as torch.compile fuses the pair, and the
 model's ``group_norm_swish_channels_last`` (its backward's sums in a Triton kernel of their own),
@@ -87,7 +87,7 @@ def time_variant(form, options: dict, inputs: tuple, grad: torch.Tensor) -> dict
 
 
 def main() -> None:
-    parser = vae_argument_parser(__doc__)
+    parser = vae_argument_parser(__doc__, channels_last_option=False)
     parser.add_argument(
         "--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS), help="(default: all)"
     )

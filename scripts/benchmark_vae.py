@@ -20,8 +20,9 @@ from benchmark import matmul_tflops, report
 from repae.modules.vae import VAE_CONFIGS, build_vae
 
 
-def vae_argument_parser(description: str) -> argparse.ArgumentParser:
-    """The options of every VAE benchmark: --vae, --batch-size, --resolution, --channels-last, --output."""
+def vae_argument_parser(description: str, channels_last_option: bool = True) -> argparse.ArgumentParser:
+    """The options of every VAE benchmark: --vae, --batch-size, --resolution, --channels-last (unless
+    the benchmark has one layout only), --output."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -30,9 +31,10 @@ def vae_argument_parser(description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=int, default=32, help="images (default: 32)")
     parser.add_argument("--resolution", type=int, default=256, help="image size (default: 256)")
-    parser.add_argument(
-        "--channels-last", action="store_true", help="NHWC images and operands (model.channels_last)"
-    )
+    if channels_last_option:
+        parser.add_argument(
+            "--channels-last", action="store_true", help="NHWC images and operands (model.channels_last)"
+        )
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     return parser
 

@@ -16,7 +16,6 @@ faster for it (docs/performance.md).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 try:
@@ -30,6 +29,10 @@ except ImportError:  # a CPU-only install: the CUDA kernel is never launched
 TILE_ELEMENTS = 4096
 TARGET_PROGRAMS = 1024
 NUM_WARPS = 4
+
+
+def swish(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(x)
 
 
 def swish_derivative(z: Tensor) -> Tensor:
@@ -128,7 +131,7 @@ class ScaleShiftSwish(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, shift: Tensor, out_dtype: torch.dtype) -> Tensor:
         ctx.save_for_backward(x, scale, shift)
-        return F.silu(affine(x, scale, shift)).to(out_dtype)
+        return swish(affine(x, scale, shift)).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repae.modules.scale_shift_swish import affine, at_least_float32, scale_shift_swish
+from repae.modules.scale_shift_swish import affine, at_least_float32, scale_shift_swish, swish
 from repae.modules.state_dict import StateDictDiff, describe
 
 
@@ -70,10 +70,6 @@ class DiagonalGaussianDistribution:
 def is_channels_last(x: Tensor) -> bool:
     """Whether a 4-D tensor is laid out NHWC (and not also NCHW, as tensors with H = W = 1 are)."""
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
-def swish(x: Tensor) -> Tensor:
-    return x * torch.sigmoid(x)
 
 
 class ChannelMoments(torch.autograd.Function):
