@@ -2,6 +2,7 @@
 
 import csv
 import os
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from repae.callbacks.loss_curve import LossCurveCallback
-from repae.callbacks.progress import ProgressBar
+from repae.callbacks.progress import ProgressBar, ProgressLog
 from repae.callbacks.sampling import DistributionMetricCallback, ImageGridCallback, images_to_uint8
 from repae.metrics import load_reference_statistics
 
@@ -30,6 +31,7 @@ class StubREPAE(LightningModule):
 
     num_classes = 10
     latent_shape = (4, 4, 4)
+    max_train_steps = 7
 
     def __init__(self):
         super().__init__()
@@ -356,15 +358,44 @@ def test_the_progress_bar_reads_its_metrics_every_n_batches_and_outside_training
     calls = []
     get_metrics = ProgressBar.get_metrics
     monkeypatch.setattr(ProgressBar, "get_metrics", lambda *args: calls.append(1) or get_metrics(*args))
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # the bar is drawn on terminals only
     bar = ProgressBar(metrics_every_n_steps=3, keys=["sit_loss", "proj_loss"])
     trainer = make_trainer(tmp_path, [bar], max_steps=7, enable_progress_bar=True)
     trainer.fit(StubREPAE(), datamodule=RandomImages())
     assert len(calls) == 8  # asked at each of the 7 batches and at epoch end...
-    assert reads == [1, 3, 6]  # ...read at the first call, then every 3 batches
+    assert reads == [1, 3, 6, 7]  # ...read at the first call, every 3 batches, and at the end of training
 
     # Outside training every call reads; the keys come from callback_metrics (proj_loss was not logged).
     assert bar.get_metrics(trainer, trainer.lightning_module) == {
         "v_num": 0,
         "sit_loss": pytest.approx(0.8**12),
     }
-    assert reads == [1, 3, 6, 7]
+    assert reads == [1, 3, 6, 7, 7]
+
+
+def test_progress_lines_come_every_n_steps_and_at_the_end_with_the_last_values(tmp_path, caplog):
+    caplog.set_level("INFO", logger="repae.callbacks.progress")
+    progress = ProgressLog(every_n_steps=3, keys=["sit_loss", "proj_loss"])
+    trainer = make_trainer(tmp_path, [progress], max_steps=7)
+    trainer.fit(StubREPAE(), datamodule=RandomImages())
+
+    lines = [record.getMessage() for record in caplog.records if record.name == "repae.callbacks.progress"]
+    assert [line.split(" |")[0] for line in lines] == ["step 3/7", "step 6/7", "step 7/7"]
+    assert all("steps/s" in line and "ETA" in line for line in lines)
+    # The final line shows the loss of the last step (SGD lr 0.1 on (w-1)^2 from w=0), not a stale read.
+    assert lines[-1].endswith(f"sit_loss {0.8**12:.4g}")
+    assert "proj_loss" not in lines[-1]  # a key that was never logged is left out
+
+
+def test_a_progress_line_reports_the_average_rate_and_the_time_left():
+    line = ProgressLog().line(step=30, total=130, seconds=60.0, steps_done=20, values={"sit_loss": 0.1234567})
+    assert line == "step 30/130 | 0.333 steps/s | ETA 0:05:00 | sit_loss 0.1235"
+
+
+def test_the_progress_bar_is_off_when_stdout_is_not_a_terminal(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    bar = ProgressBar(metrics_every_n_steps=3)
+    make_trainer(tmp_path, [bar], max_steps=2, enable_progress_bar=True).fit(
+        StubREPAE(), datamodule=RandomImages()
+    )
+    assert bar.is_disabled
