@@ -3,7 +3,8 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
-# The torch/torchvision pair whose wheels work together on our machines (see README, "Install").
+# The torch/torchvision pair whose wheels work together on our machines (README, "Quick start"):
+# PyPI's x86_64 wheels are CUDA builds (~5.5 GB), also on CPU-only machines.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
@@ -16,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PINS)
-	$(PIP) install -q -e ".[dev,slurm,diffusers]"
+	$(PIP) install -q -e ".[dev,slurm,diffusers,tensorboard]"
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install repae with its dev tools

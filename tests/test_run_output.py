@@ -31,3 +31,13 @@ def test_a_run_redirected_to_a_file_prints_plain_progress_lines_and_train_log_ho
     assert [line.split(" |")[0] for line in printed] == ["step 2/4", "step 4/4"]
     assert all("sit_loss" in line and "vae_loss" in line and "d_loss" in line for line in printed)
     assert progress_lines((tmp_path / "logs" / "train" / "redirected" / "train.log").read_text()) == printed
+
+
+def test_the_tensorboard_logger_writes_event_files(tiny_config, tmp_path):
+    from hydra.utils import instantiate
+
+    cfg = tiny_config("logger=tensorboard")
+    (logger,) = [instantiate(entry) for entry in cfg.logger.values()]
+    logger.log_metrics({"sit_loss": 0.5}, step=1)
+    logger.finalize("success")
+    assert list((Path(cfg.paths.output_dir) / "tensorboard").glob("events.out.tfevents.*"))
