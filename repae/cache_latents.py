@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from repae.datamodules.datasets import H5Images, h5_latent_key, write_h5_labels_and_listing
+from repae.known_noise import silence_known_noise
 from repae.modules.vae import AutoencoderKL, images_to_vae_input, load_checked_state_dict
 from repae.preprocess import check_manifest
 
@@ -242,6 +243,7 @@ def cache_latents(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="cache")
 def main(cfg: DictConfig) -> None:
+    silence_known_noise()
     cache_latents(cfg)
 
 

@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from repae.evaluate import npz_images_shape
+from repae.known_noise import silence_known_noise
 from repae.modules.samplers import generate_images
 from repae.modules.sit import build_sit
 from repae.modules.vae import build_vae, load_checked_state_dict
@@ -420,6 +421,7 @@ def generate(cfg: DictConfig, model: SamplingModel | None = None) -> Path:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
+    silence_known_noise()
     # Batches of sample indices need no loader workers; Lightning suggests them all the same.
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     generate(cfg)

@@ -25,6 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from repae.datamodules.datasets import CorruptSampleError
+from repae.known_noise import silence_known_noise
 from repae.module import to_plain
 from repae.sweep import FINAL_METRICS_FILE
 
@@ -135,6 +136,7 @@ def one_line(error: BaseException) -> str:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> dict[str, float]:
+    silence_known_noise()
     try:
         return train(cfg)
     except Exception as error:

@@ -12,7 +12,9 @@ from conftest import TINY_OVERRIDES
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_a_run_redirected_to_a_file_prints_plain_progress_lines_and_train_log_holds_them(tmp_path):
+def test_a_run_redirected_to_a_file_prints_plain_progress_lines_train_log_holds_them_and_no_known_noise(
+    tmp_path,
+):
     overrides = [o for o in TINY_OVERRIDES if not o.startswith("trainer.log_every_n_steps")]
     log_file = tmp_path / "stdout.log"
     with open(log_file, "w") as stdout:
@@ -31,6 +33,11 @@ def test_a_run_redirected_to_a_file_prints_plain_progress_lines_and_train_log_ho
     assert [line.split(" |")[0] for line in printed] == ["step 2/4", "step 4/4"]
     assert all("sit_loss" in line and "vae_loss" in line and "d_loss" in line for line in printed)
     assert progress_lines((tmp_path / "logs" / "train" / "redirected" / "train.log").read_text()) == printed
+    # Lightning's messages about things we do on purpose are silenced (repae.known_noise).
+    output = log_file.read_text()
+    assert (
+        "litlogger" not in output and "in eval mode at the start" not in output and "LeafSpec" not in output
+    )
 
 
 def test_the_tensorboard_logger_writes_event_files(tiny_config, tmp_path):
