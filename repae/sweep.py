@@ -56,4 +56,7 @@ class SweepSummary(Callback):
             table.add_row(
                 *("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values())
             )
-        Console().print(table)
+        console = Console()
+        if not console.is_terminal:  # a log file: rich would cut the table at 80 columns
+            console = Console(width=100_000)
+        console.print(table)

@@ -56,3 +56,18 @@ def test_multirun_gives_one_directory_per_value_and_a_summary_table(tmp_path):
     assert [row["run"] for row in rows] == ["model.proj_coeff=0.25", "model.proj_coeff=1.0"]
     assert all(float(row["sit_loss"]) > 0 for row in rows)
     assert "sweep summary" in result.stdout
+
+
+def test_the_summary_table_is_not_cut_when_printed_to_a_log_file(tmp_path, monkeypatch, capsys):
+    from repae.sweep import SweepSummary
+
+    long_override = "model.proj_coeff=0.25 model.vae_align_proj_coeff=1.5 model.optimizer.learning_rate=3e-4"
+    point = tmp_path / "point"
+    (point / ".hydra").mkdir(parents=True)
+    (point / ".hydra" / "overrides.yaml").write_text(f"- {long_override}\n")
+    (point / "final_metrics.json").write_text('{"sit_loss": 0.125, "fd_effnet": 1094.5}')
+    SweepSummary(keys=["sit_loss", "fd_effnet"]).on_multirun_end(
+        OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    )
+    printed = capsys.readouterr().out
+    assert long_override in printed and "1094" in printed
