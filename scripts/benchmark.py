@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import gc
 import itertools
-import json
 import statistics
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from repae.benchmarking import matmul_tflops, report
 from repae.datamodules.datamodule import ImageDataModule
 from repae.module import to_plain
 from repae.modules import vae as vae_module
@@ -292,29 +292,6 @@ def kernel_report(profiler: torch.profiler.profile, gaps: int = 15, rows: int = 
         lines.append(f"  {event.time_range.elapsed_us() / 1e3:7.2f} ms  {event.name}  in {outermost.name}")
     lines += ["", profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows)]
     return "\n".join(lines) + "\n"
-
-
-def matmul_tflops(size: int = 8192, repeats: int = 10) -> float:
-    """bf16 dense matmul rate of this card (TFLOP/s), the MFU denominator."""
-    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
-
-
-def report(results: dict, output: Path | None) -> None:
-    """Print the results as JSON and, with an ``output`` path, write them there too."""
-    text = json.dumps(results, indent=2)
-    print(text)
-    if output:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text + "\n")
 
 
 def main() -> None:

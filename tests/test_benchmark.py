@@ -5,21 +5,18 @@ while asked for."""
 from __future__ import annotations
 
 import gc
-import sys
-from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from repae.benchmarking import module_input_shapes
 from repae.modules import vae as vae_module
+from scripts import benchmark
+from scripts.bench import ema as benchmark_ema
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import benchmark  # noqa: E402
-import benchmark_ema  # noqa: E402
-import benchmark_vae  # noqa: E402
-from test_ema import a_model_and_its_ema, train_a_little  # noqa: E402
+from test_ema import a_model_and_its_ema, train_a_little
 
 
 def convolution_flops(counter: FlopCounterMode) -> int:
@@ -46,11 +43,11 @@ def test_garbage_collection_pauses_are_recorded_by_generation_only_while_started
 
 
 def test_the_vae_benchmarks_time_each_module_kind_at_the_input_shapes_the_vae_gives_it():
-    shapes = benchmark_vae.module_input_shapes("f4d4-tiny", 5, 32, vae_module.Upsample)
+    shapes = module_input_shapes("f4d4-tiny", 5, 32, vae_module.Upsample)
     # f4: the decoder upsamples its 8x8 latents twice, to 32x32.
     assert [shape[0] for shape in shapes] == [5, 5]
     assert [shape[2:] for shape in shapes] == [(8, 8), (16, 16)]
-    norms = benchmark_vae.module_input_shapes("f4d4-tiny", 5, 32, vae_module.GroupNorm)
+    norms = module_input_shapes("f4d4-tiny", 5, 32, vae_module.GroupNorm)
     vae = vae_module.build_vae("f4d4-tiny")
     assert len(norms) == sum(isinstance(module, vae_module.GroupNorm) for module in vae.modules())
     assert {shape[2] for shape in norms} == {8, 16, 32}

@@ -36,7 +36,8 @@ COMMON = [
 
 
 def run(run_dir: Path, *overrides: str, common: list[str] = COMMON) -> None:
-    paths = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    root = Path(__file__).resolve().parents[1]
+    paths = [str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
     result = subprocess.run(
         [sys.executable, str(HELPER), str(run_dir), *common, *overrides],

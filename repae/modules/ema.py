@@ -59,13 +59,13 @@ class EMAUpdate:
     variance) are averaged too, so sampling and E2E-VAE latent statistics come from the EMA;
     integer buffers (``num_batches_tracked``) are copied. ``decay=0`` copies ``model`` exactly.
 
-    The tensor lists are built once (``tensor_pairs``): building them walks both modules, ~2 ms of
-    host time for SiT-XL on an H100 machine, which every step would pay. They stay valid while the
+    The tensor lists are built once (``tensor_pairs``): building them walks both modules, host time
+    that every step would pay. They stay valid while the
     modules keep their tensors (loading a state dict copies into them); after the modules are
     wrapped, sharded or moved, make a new ``EMAUpdate``.
 
     ``compile``: on the device-decided path (``where``), one compiled foreach update (a few fused
-    kernels; SiT-XL's compiles in ~20 s) instead of one lerp kernel per tensor.
+    kernels) instead of one lerp kernel per tensor.
     """
 
     def __init__(self, ema: nn.Module, model: nn.Module, compile: bool = False):

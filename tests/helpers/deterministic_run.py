@@ -1,5 +1,6 @@
 """Train the tiny demo config with all randomness made a function of the sample, then save every
-rank's final weights: `python tests/helpers/deterministic_run.py RUN_DIR [overrides...]`.
+rank's final weights: `PYTHONPATH=tests python tests/helpers/deterministic_run.py RUN_DIR [overrides...]`
+(tests/ on the path for its ``conftest``).
 
 With t, noise and the VAE's posterior sample derived from each sample's own latents, a run's
 result depends only on its global batches, not on how they are split over processes, so a DDP
@@ -15,14 +16,12 @@ import torch
 from omegaconf import open_dict
 from torch.distributed.tensor import DTensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from repae.module import REPAE
+from repae.modules.sit import SiT
+from repae.modules.vae import DiagonalGaussianDistribution
+from repae.train import train
 
-from repae.module import REPAE  # noqa: E402
-from repae.modules.sit import SiT  # noqa: E402
-from repae.modules.vae import DiagonalGaussianDistribution  # noqa: E402
-from repae.train import train  # noqa: E402
-
-from conftest import compose_config  # noqa: E402
+from conftest import compose_config
 
 original_forward = SiT.forward
 

@@ -1,7 +1,7 @@
 """Time sampling (SiT + sampler + VAE decode) on a GPU: images/s for one precision/compile setting.
 
-    python scripts/benchmark_sampling.py --precision fp32            # TF32 matmuls, the official setting
-    python scripts/benchmark_sampling.py --precision bf16 --compile
+    python scripts/bench/sampling.py --precision fp32            # TF32 matmuls, the official setting
+    python scripts/bench/sampling.py --precision bf16 --compile
 
 Random weights (speed does not depend on them). The protocol of the issue: Euler-Maruyama SDE,
 CFG 2.2 inside the guidance interval [0, 0.65] (the SD-VAE REPA-E setting), decode with the VAE.
@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import torch
-from benchmark import report
 
+from repae.benchmarking import report
 from repae.modules.samplers import generate_images
 from repae.modules.sit import build_sit
 from repae.modules.vae import build_vae

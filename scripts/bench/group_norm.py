@@ -1,7 +1,7 @@
 """Time the VAE's GroupNorm + swish, forward and backward, compiled, at the shapes the VAE runs it:
 
-    python scripts/benchmark_group_norm.py --vae f8d4
-    python scripts/benchmark_group_norm.py --min-size 128 --options coordinate_descent   # minutes less
+    python scripts/bench/group_norm.py --vae f8d4
+    python scripts/bench/group_norm.py --min-size 128 --options coordinate_descent   # minutes less
 
 Always the channels_last path (NCHW goes to ``F.group_norm``, so there is no ``--channels-last``),
 with conv1's bias as ``input_bias`` and the result in bf16 for the next convolution, in two forms
@@ -21,24 +21,11 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
-from benchmark import report
-from benchmark_convolutions import time_ms
-from benchmark_vae import module_input_shapes, vae_argument_parser
 
+from repae.benchmarking import module_input_shapes, report, time_ms, vae_argument_parser
 from repae.modules.vae import GroupNorm, group_norm_channels_last, group_norm_swish_channels_last, swish
 
-COORDINATE_DESCENT = {"coordinate_descent_tuning": True}
-OPTIONS = {
-    "default": {},
-    "coordinate_descent": COORDINATE_DESCENT,
-    # Inductor writes a value used twice out to memory when computing it reads more than 4 buffers
-    # or takes more than 30 ops; higher thresholds make it recompute the value in each consumer.
-    "coordinate_descent_realize_thresholds": {
-        **COORDINATE_DESCENT,
-        "realize_reads_threshold": 16,
-        "realize_opcount_threshold": 1000,
-    },
-}
+OPTIONS = {"default": {}, "coordinate_descent": {"coordinate_descent_tuning": True}}
 
 
 def group_norm_then_swish(x, weight, bias, input_bias):

@@ -1,12 +1,10 @@
-"""Time the VAE decoder's upsampling convolutions (nearest x2, then conv3x3) in three forms, compiled,
+"""Time the VAE decoder's upsampling convolutions (nearest x2, then conv3x3) in two forms, compiled,
 forward + input and weight gradients, at the shapes the decoder runs them:
 
-    python scripts/benchmark_upsampling.py --vae f8d4 --channels-last
+    python scripts/bench/upsampling.py --vae f8d4 --channels-last
 
-- ``upsample_then_conv3x3``: the upsampled copy, then the 3x3 convolution (the model's definition;
-  the upsampling is the broadcast the VAE used before, whose compiled backward is a sum);
-- ``subpixel``: one 2x2 convolution of the input with 4x the output channels, one per output
-  parity, interleaved afterwards (16 taps per input pixel instead of 36);
+- ``upsample_then_conv3x3``: ``interpolate``, then the 3x3 convolution (the model's definition, as
+  the official code runs it);
 - ``transposed`` (what ``repae.modules.vae.upsample_conv3x3`` runs): a stride-2 transposed
   convolution with a 4x4 kernel of summed taps, which writes the interleaved output itself.
 
@@ -17,37 +15,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from benchmark import report, upsample_then_conv3x3
-from benchmark_convolutions import time_ms
-from benchmark_vae import module_input_shapes, vae_argument_parser
 from torch import Tensor
 
-from repae.modules.vae import Upsample, is_channels_last, upsample_conv3x3, upsampled_kernel_taps
-
-# Output parity (even/odd row) -> the two of the transposed kernel's four taps it uses: row 2i
-# reads input rows (i-1, i) with taps (K3, K1), row 2i+1 rows (i, i+1) with (K2, K0).
-PARITY_TAPS = ((3, 1), (2, 0))
+from repae.benchmarking import module_input_shapes, report, time_ms, vae_argument_parser
+from repae.modules.vae import Upsample, upsample_conv3x3
 
 
-def subpixel(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    b, c, h, w = x.shape
-    out_channels = weight.shape[0]
-    kernel = upsampled_kernel_taps(upsampled_kernel_taps(weight, 2), 3)  # [O, C, 4, 4]
-    taps = torch.tensor(PARITY_TAPS, device=weight.device)
-    # [O, C, 2 (row parity), 2, 2 (column parity), 2] -> [row parity, column parity, O, C, 2, 2]
-    parity_weight = kernel[:, :, taps][..., taps].permute(2, 4, 0, 1, 3, 5)
-    memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-    parity_weight = parity_weight.reshape(4 * out_channels, c, 2, 2).contiguous(memory_format=memory_format)
-    parities = F.conv2d(x, parity_weight, bias.repeat(4), padding=1).unflatten(1, (2, 2, out_channels))
-    rows = [
-        torch.stack([parities[:, a, col, :, a : a + h, col : col + w] for col in (0, 1)], dim=-1)
-        for a in (0, 1)
-    ]
-    out = torch.stack(rows, dim=3).reshape(b, out_channels, 2 * h, 2 * w)
-    return out.contiguous(memory_format=memory_format)
+def upsample_then_conv3x3(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
 
 
-FORMS = {"upsample_then_conv3x3": upsample_then_conv3x3, "subpixel": subpixel, "transposed": upsample_conv3x3}
+FORMS = {"upsample_then_conv3x3": upsample_then_conv3x3, "transposed": upsample_conv3x3}
 
 
 def time_form(form, x: Tensor, weight: Tensor, bias: Tensor, grad: Tensor) -> tuple[float, Tensor]:

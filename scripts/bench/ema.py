@@ -1,6 +1,6 @@
 """Time one update of the SiT's EMA in the forms the training step could use, on one GPU:
 
-    python scripts/benchmark_ema.py --sit SiT-XL/2
+    python scripts/bench/ema.py --sit SiT-XL/2
 
 - ``per_tensor_lerp`` (``EMAUpdate(ema, sit)(decay, where=finite)``, the GPU-side skip path
   uncompiled): the weight is a device tensor, 0 on a skipped step, for which ``_foreach_lerp_`` has
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from benchmark import report
 
+from repae.benchmarking import report
 from repae.modules.ema import EMAUpdate, make_ema, update_ema
 from repae.modules.sit import SIT_MODEL_NAMES, build_sit
 

@@ -1,6 +1,6 @@
 """Time the VAE alone: encode + decode, forward and backward, as in the REPA-E step (71 % of its FLOPs).
 
-    python scripts/benchmark_vae.py --vae f8d4 --compile --channels-last
+    python scripts/bench/vae.py --vae f8d4 --compile --channels-last
 
 Random weights and inputs, bf16 autocast, the loss is the mean absolute reconstruction error so the
 backward reaches every layer. Compiles in a fraction of the time of the whole step, so layout and
@@ -9,53 +9,13 @@ normalisation choices can be compared quickly; `scripts/benchmark.py` gives the 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from benchmark import matmul_tflops, report
 
-from repae.modules.vae import VAE_CONFIGS, build_vae
-
-
-def vae_argument_parser(description: str, channels_last_option: bool = True) -> argparse.ArgumentParser:
-    """The options of every VAE benchmark: --vae, --batch-size, --resolution, --channels-last (unless
-    the benchmark has one layout only), --output."""
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--vae", default="f8d4", choices=sorted(VAE_CONFIGS), help="VAE config (default: f8d4)"
-    )
-    parser.add_argument("--batch-size", type=int, default=32, help="images (default: 32)")
-    parser.add_argument("--resolution", type=int, default=256, help="image size (default: 256)")
-    if channels_last_option:
-        parser.add_argument(
-            "--channels-last", action="store_true", help="NHWC images and operands (model.channels_last)"
-        )
-    parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
-    return parser
-
-
-def module_input_shapes(
-    vae_name: str, batch_size: int, resolution: int, module_type: type[torch.nn.Module]
-) -> list[tuple[int, ...]]:
-    """The input shape [batch_size, C, H, W] of each ``module_type`` module of the VAE, in the order
-    encode then decode runs them (found by running both on one image on the CPU)."""
-    vae = build_vae(vae_name)
-    shapes = []
-    hooks = [
-        module.register_forward_hook(lambda _module, args, _out: shapes.append(tuple(args[0].shape)))
-        for module in vae.modules()
-        if isinstance(module, module_type)
-    ]
-    with torch.no_grad():
-        vae.decode(vae.encode(torch.zeros(1, 3, resolution, resolution)).mode())
-    for hook in hooks:
-        hook.remove()
-    return [(batch_size, *shape[1:]) for shape in shapes]
+from repae.benchmarking import matmul_tflops, report, vae_argument_parser
+from repae.modules.vae import build_vae
 
 
 def main() -> None:

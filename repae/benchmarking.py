@@ -1,0 +1,94 @@
+"""What the GPU benchmarks in ``scripts/`` share: the MFU yardstick, GPU timing, the VAE benchmarks'
+options and shapes, and writing the results.
+
+The step benchmark (``scripts/benchmark.py``) and the micro-benchmarks (``scripts/bench/``) run by
+path (``python scripts/bench/group_norm.py ...``); this module is their one import besides the model
+code, so they import no sibling script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from repae.modules.vae import VAE_CONFIGS, build_vae
+
+
+def matmul_tflops(size: int = 8192, repeats: int = 10) -> float:
+    """bf16 dense matmul rate of this card (TFLOP/s), the MFU denominator."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def time_ms(function, repeats: int = 10) -> float:
+    """Median milliseconds of ``function()`` on the GPU (CUDA events), after three warm-up calls."""
+    for _ in range(3):
+        function()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        function()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def report(results: dict, output: Path | None) -> None:
+    """Print the results as JSON and, with an ``output`` path, write them there too."""
+    text = json.dumps(results, indent=2)
+    print(text)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text + "\n")
+
+
+def vae_argument_parser(description: str, channels_last_option: bool = True) -> argparse.ArgumentParser:
+    """The options of every VAE benchmark: --vae, --batch-size, --resolution, --channels-last (unless
+    the benchmark has one layout only), --output."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--vae", default="f8d4", choices=sorted(VAE_CONFIGS), help="VAE config (default: f8d4)"
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="images (default: 32)")
+    parser.add_argument("--resolution", type=int, default=256, help="image size (default: 256)")
+    if channels_last_option:
+        parser.add_argument(
+            "--channels-last", action="store_true", help="NHWC images and operands (model.channels_last)"
+        )
+    parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
+    return parser
+
+
+def module_input_shapes(
+    vae_name: str, batch_size: int, resolution: int, module_type: type[torch.nn.Module]
+) -> list[tuple[int, ...]]:
+    """The input shape [batch_size, C, H, W] of each ``module_type`` module of the VAE, in the order
+    encode then decode runs them (found by running both on one image on the CPU)."""
+    vae = build_vae(vae_name)
+    shapes = []
+    hooks = [
+        module.register_forward_hook(lambda _module, args, _out: shapes.append(tuple(args[0].shape)))
+        for module in vae.modules()
+        if isinstance(module, module_type)
+    ]
+    with torch.no_grad():
+        vae.decode(vae.encode(torch.zeros(1, 3, resolution, resolution)).mode())
+    for hook in hooks:
+        hook.remove()
+    return [(batch_size, *shape[1:]) for shape in shapes]
