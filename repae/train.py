@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from repae.datamodules.datasets import CorruptSampleError
-from repae.module import to_plain
+from repae.config import to_plain
 from repae.sweep import FINAL_METRICS_FILE
 
 log = logging.getLogger(__name__)

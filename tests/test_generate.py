@@ -130,7 +130,7 @@ def test_per_sample_generators_make_sde_samples_independent_of_batching():
 def test_generate_images_matches_the_lightning_module_generate(tiny_config):
     from hydra.utils import instantiate
 
-    from repae.module import to_plain
+    from repae.config import to_plain
 
     torch.manual_seed(0)
     module = instantiate(to_plain(tiny_config().model), _recursive_=False)
