@@ -19,11 +19,10 @@ from repae.generate import (
     generate,
     load_sampling_model,
     npz_path_of,
-    projector_dims,
     sample_labels,
 )
 from repae.modules.samplers import euler_maruyama_sampler, generate_images
-from repae.modules.sit import build_sit
+from repae.modules.sit import build_sit, projector_dims
 from repae.modules.vae import build_vae
 from repae.train import train
 
