@@ -252,7 +252,9 @@ def inception_metrics(
     if unknown:
         raise ValueError(f"Unknown metrics {sorted(unknown)}; choose from {INCEPTION_METRICS}")
     reference = _reference_contents(reference_path)
-    reference_fid = _statistics(reference, "mu", "sigma", InceptionFeatures.num_features, reference_path, "Inception pool")
+    reference_fid = _statistics(
+        reference, "mu", "sigma", InceptionFeatures.num_features, reference_path, "Inception pool"
+    )
     reference_sfid = _statistics(
         reference, "mu_s", "sigma_s", SPATIAL_FEATURES, reference_path, "Inception spatial"
     )

@@ -164,7 +164,9 @@ def _from_official_checkpoint(
         raise ValueError(f"the training arguments of {path!r} name no --vae: cannot tell its VAE")
     sit_state = checkpoint["ema" if use_ema else "model"]
     vae = build_vae(config["model.vae.name"])
-    sit_config = {key.removeprefix("model.sit."): value for key, value in config.items() if key.startswith("model.sit.")}
+    sit_config = {
+        key.removeprefix("model.sit."): value for key, value in config.items() if key.startswith("model.sit.")
+    }
     sit = build_sit(**sit_config, z_dims=projector_dims(sit_state))
     _load_strict(sit, sit_state, "EMA SiT" if use_ema else "SiT", path)
     if "vae" in checkpoint:

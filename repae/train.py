@@ -24,8 +24,8 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from repae.datamodules.datasets import CorruptSampleError
 from repae.config import to_plain
+from repae.datamodules.datasets import CorruptSampleError
 from repae.sweep import FINAL_METRICS_FILE
 
 log = logging.getLogger(__name__)

@@ -39,8 +39,8 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from repae.datamodules.datamodule import ImageDataModule
 from repae.config import to_plain
+from repae.datamodules.datamodule import ImageDataModule
 from repae.modules import vae as vae_module
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")

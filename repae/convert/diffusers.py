@@ -112,7 +112,9 @@ def vae_from_diffusers_state_dict(vae: AutoencoderKL, state: Mapping[str, Tensor
         if _is_attention_projection(key) and value.numel() == expected[key].numel():
             value = value.reshape(expected[key].shape)
         converted[key] = value.contiguous().clone()
-    check_state_dict(vae.state_dict(), converted, "the diffusers weights do not fit the configured AutoencoderKL")
+    check_state_dict(
+        vae.state_dict(), converted, "the diffusers weights do not fit the configured AutoencoderKL"
+    )
     return converted
 
 

@@ -67,7 +67,8 @@ def _checked(name: str, value: Any, kind: type) -> Any:
     if kind is float and type(value) is int:
         value = float(value)
     if type(value) is not kind or (kind is str and not NAME.fullmatch(value)):
-        what = "a name (letters, digits, _ . + / - and commas)" if kind is str else f"a {kind.__name__}"
+        what = {str: "a name (letters, digits, _ . + / - and commas)", int: "an integer", float: "a number",
+                bool: "a boolean"}[kind]  # fmt: skip
         raise ValueError(f"the official checkpoint's args.{name}={value!r} is not {what}")
     return value
 
@@ -84,7 +85,9 @@ def official_config(args: argparse.Namespace | Mapping[str, Any], ldm_only: bool
     elif isinstance(args, Mapping):
         values = dict(args)
     else:
-        raise ValueError(f"the official checkpoint's args are a {type(args).__name__}, not the training arguments")
+        raise ValueError(
+            f"the official checkpoint's args are a {type(args).__name__}, not the training arguments"
+        )
     config: dict[str, Any] = {}
     if "vae" in values:
         vae = values["vae"]
@@ -96,7 +99,9 @@ def official_config(args: argparse.Namespace | Mapping[str, Any], ldm_only: bool
         config["model.sit.in_channels"] = vae_config["embed_dim"]
         config["model.sit.input_size"] = resolution // 2 ** (len(vae_config["ch_mult"]) - 1)
     arguments = OFFICIAL_ARGUMENTS if ldm_only else {**OFFICIAL_ARGUMENTS, **E2E_ARGUMENTS}
-    config.update({key: _checked(name, values[name], kind) for name, (key, kind) in arguments.items() if name in values})
+    config.update(
+        {key: _checked(name, values[name], kind) for name, (key, kind) in arguments.items() if name in values}
+    )
     precision = values.get("mixed_precision")
     if isinstance(precision, str) and precision in PRECISIONS:
         config["trainer.precision"] = PRECISIONS[precision]
@@ -118,7 +123,9 @@ def official_overrides(args: argparse.Namespace | Mapping[str, Any], ldm_only: b
     """Hydra overrides of ``conf/train.yaml`` that reproduce an official run's arguments (``official_config``)."""
     # train_repae.py is the default model config; data configs are left to the user.
     overrides = ["model=ldm_only"] if ldm_only else []
-    return overrides + [f"{key}={_hydra_value(value)}" for key, value in official_config(args, ldm_only).items()]
+    return overrides + [
+        f"{key}={_hydra_value(value)}" for key, value in official_config(args, ldm_only).items()
+    ]
 
 
 def compose_train_config(overrides: Sequence[str]) -> DictConfig:
@@ -246,8 +253,12 @@ def from_official(
         sit = build_model(model_cfg["sit"], "model.sit", z_dims=projector_dims(parts["sit"]))
         vae = build_model(model_cfg["vae"], "model.vae")
     for key, part in (("model", "sit"), ("ema", "ema")):
-        check_state_dict(sit.state_dict(), parts[part], f"{checkpoint_path}[{key!r}] does not fit the configured SiT")
-    check_state_dict(vae.state_dict(), parts["vae"], "the VAE weights do not fit the configured AutoencoderKL")
+        check_state_dict(
+            sit.state_dict(), parts[part], f"{checkpoint_path}[{key!r}] does not fit the configured SiT"
+        )
+    check_state_dict(
+        vae.state_dict(), parts["vae"], "the VAE weights do not fit the configured AutoencoderKL"
+    )
     state_dict: StateDict = {
         **{f"sit.{k}": v for k, v in parts["sit"].items()},
         **{f"ema.{k}": v for k, v in parts["ema"].items()},

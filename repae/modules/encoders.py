@@ -279,7 +279,9 @@ def _assign_checked(
     ``assign=True`` replaces the parameters, so ``module`` may live on the meta device.
     """
     what = f"{str(source)!r} (set by `{WEIGHTS_KEY}`) does not fit {architecture}"
-    check_state_dict(module.state_dict(), state_dict, what, "Is it the checkpoint of another encoder or model size?")
+    check_state_dict(
+        module.state_dict(), state_dict, what, "Is it the checkpoint of another encoder or model size?"
+    )
     state_dict = {k: v.float().contiguous() if v.is_floating_point() else v for k, v in state_dict.items()}
     module.load_state_dict(state_dict, strict=True, assign=True)
 

@@ -53,7 +53,11 @@ class StateDictDiff:
 
 
 def check_state_dict(
-    expected: Mapping[str, Tensor], found: Mapping[str, Tensor], what: str, hint: str = "", strict: bool = True
+    expected: Mapping[str, Tensor],
+    found: Mapping[str, Tensor],
+    what: str,
+    hint: str = "",
+    strict: bool = True,
 ) -> StateDictDiff:
     """Raise one ValueError ``"{what}: {differences}. {hint}"`` unless ``found`` has the keys and shapes
     of ``expected``; with ``strict`` False only shape mismatches are an error.
