@@ -114,7 +114,7 @@ def _hydra_value(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, str):
-        plain = re.fullmatch(r"[A-Za-z][A-Za-z0-9_.+/-]*", value) and value.lower() not in HYDRA_KEYWORDS
+        plain = re.fullmatch(r"[A-Za-z][A-Za-z0-9_./-]*", value) and value.lower() not in HYDRA_KEYWORDS
         return value if plain else f"'{value}'"
     return str(value)
 
@@ -324,7 +324,10 @@ def from_official(
         "optimizer_states": optimizer_states,
         "lr_schedulers": [],
         "hyper_parameters": {key: value for key, value in model_cfg.items() if key != "_target_"},
-        "converted_from": {"path": str(checkpoint_path), "args": dict(vars(args))},
+        "converted_from": {
+            "path": str(checkpoint_path),
+            "args": dict(vars(args) if isinstance(args, argparse.Namespace) else args),
+        },
     }
     Path(output_path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(output, output_path)
