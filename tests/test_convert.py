@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 from safetensors.torch import load_file, save_file
 
+from repae.config import to_plain
 from repae.convert.checkpoints import extract_vae, load_checkpoint
 from repae.convert.diffusers import (
     DIFFUSERS_WEIGHTS,
@@ -26,7 +27,6 @@ from repae.convert.diffusers import (
     vae_to_diffusers_state_dict,
 )
 from repae.convert.official import compose_train_config, from_official
-from repae.config import to_plain
 from repae.module import REPAE
 from repae.modules.vae import build_vae
 from repae.train import train
