@@ -42,18 +42,20 @@ from omegaconf import DictConfig
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from repae.metrics import INCEPTION_WEIGHTS_FILE, EfficientNetFeatures, FeatureStatistics, frechet_distance
+from repae.metrics import (
+    SPATIAL_FEATURES,
+    EfficientNetFeatures,
+    FeatureStatistics,
+    InceptionFeatures,
+    frechet_distance,
+)
 
 INCEPTION_METRICS = ("fid", "sfid", "inception_score", "precision_recall")
 FEATURE_EXTRACTORS = ("inception", "effnet")
 INCEPTION_WEIGHTS_CONFIG_KEY = "inception_weights_path"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-POOL_FEATURES = 2048
-SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]
-SPATIAL_FEATURES = 17 * 17 * SPATIAL_CHANNELS  # mixed_6 works on a 17x17 grid of the 299x299 input
 
 
 # --- image sources ------------------------------------------------------------------------------
@@ -96,7 +98,7 @@ def iterate_npz_images(path: str, batch_size: int) -> Iterator[torch.Tensor]:
             yield torch.from_numpy(data.reshape(count, *shape[1:])).permute(0, 3, 1, 2)
 
 
-class ImageFolder(Dataset):
+class SampleFolder(Dataset):
     """The images of a folder (not recursive), sorted by file name, as uint8 [H, W, 3] RGB arrays."""
 
     def __init__(self, root: str):
@@ -131,7 +133,7 @@ def npz_images_shape(path: str) -> tuple[int, ...]:
 def image_batches(path: str, batch_size: int, num_workers: int = 0) -> tuple[int, Iterator[torch.Tensor]]:
     """``(number of images, batches uint8 [B, 3, H, W])`` of an ADM ``.npz`` (``arr_0``) or an image folder."""
     if os.path.isdir(path):
-        dataset = ImageFolder(path)
+        dataset = SampleFolder(path)
         loader = DataLoader(
             dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_stack_same_size
         )
@@ -142,48 +144,12 @@ def image_batches(path: str, batch_size: int, num_workers: int = 0) -> tuple[int
 
 
 # --- Inception features -------------------------------------------------------------------------
-class InceptionMetricFeatures(nn.Module):
-    """The three feature sets of the ADM evaluator from one pass of the TF-2015 Inception port.
-
-    Input: uint8 images [B, 3, H, W] (resized to 299x299 inside, with TF1's bilinear resize). Output:
-    ``{"pool": [B, 2048], "logits": [B, 1008], "spatial": [B, 2023]}`` float32, where ``logits`` are
-    bias-free (torch-fidelity's ``logits_unbiased``, ADM's ``softmax/logits/MatMul``) and ``spatial`` is
-    ``Mixed_6d.branch1x1`` (TF ``mixed_6/conv``, after its ReLU) [B, 192, 17, 17] cut to 7 channels and
-    flattened as TF's NHWC tensor, so it lines up with ADM's ``mu_s``/``sigma_s``.
-    """
-
-    def __init__(self, weights_path: str | None):
-        super().__init__()
-        if not weights_path or not os.path.isfile(weights_path):
-            raise FileNotFoundError(
-                f"Inception weights not found at {weights_path!r}. Set `{INCEPTION_WEIGHTS_CONFIG_KEY}` to a local "
-                f"copy of {INCEPTION_WEIGHTS_FILE} (torch-fidelity's v0.2.0 release asset, the TF 2015 Inception "
-                "graph of FID); it is never downloaded. Without it, use feature_extractor=effnet (FD-EffNet, not FID)."
-            )
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-        self.net = FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=weights_path
-        )
-        self._spatial: torch.Tensor | None = None
-        self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
-
-    def _keep_spatial(self, module, inputs, output: torch.Tensor) -> None:
-        self._spatial = output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(output.shape[0], -1).float()
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        pool, logits = self.net(images)
-        spatial, self._spatial = self._spatial, None
-        return {"pool": pool, "logits": logits, "spatial": spatial}
-
-
 class InceptionFeatureSet:
     """Pool and spatial statistics of an image set (float64 sums on ``device``), plus the raw features
     that the other metrics need: pool features [N, 2048] and logits [N, 1008], on the CPU."""
 
     def __init__(self, device: torch.device | str = "cpu"):
-        self.pool_statistics = FeatureStatistics(POOL_FEATURES, device=device)
+        self.pool_statistics = FeatureStatistics(InceptionFeatures.num_features, device=device)
         self.spatial_statistics = FeatureStatistics(SPATIAL_FEATURES, device=device)
         self.pool: list[torch.Tensor] = []
         self.logits: list[torch.Tensor] = []
@@ -192,7 +158,7 @@ class InceptionFeatureSet:
 @torch.no_grad()
 def inception_features(
     batches: Iterator[torch.Tensor],
-    extractor: InceptionMetricFeatures,
+    extractor: InceptionFeatures,
     device: torch.device | str,
     keep_pool: bool = False,
     keep_logits: bool = False,
@@ -200,7 +166,7 @@ def inception_features(
     """Run ``extractor`` over uint8 batches [B, 3, H, W]; ``keep_*`` also keeps those raw features."""
     features = InceptionFeatureSet(device)
     for images in batches:
-        out = extractor(images.to(device))
+        out = extractor.metric_features(images.to(device))
         features.pool_statistics.update(out["pool"])
         features.spatial_statistics.update(out["spatial"])
         if keep_pool:
@@ -286,11 +252,13 @@ def inception_metrics(
     if unknown:
         raise ValueError(f"Unknown metrics {sorted(unknown)}; choose from {INCEPTION_METRICS}")
     reference = _reference_contents(reference_path)
-    reference_fid = _statistics(reference, "mu", "sigma", POOL_FEATURES, reference_path, "Inception pool")
+    reference_fid = _statistics(
+        reference, "mu", "sigma", InceptionFeatures.num_features, reference_path, "Inception pool"
+    )
     reference_sfid = _statistics(
         reference, "mu_s", "sigma_s", SPATIAL_FEATURES, reference_path, "Inception spatial"
     )
-    extractor = InceptionMetricFeatures(weights_path).to(device)
+    extractor = InceptionFeatures(weights_path, INCEPTION_WEIGHTS_CONFIG_KEY).to(device)
     result = Evaluation()
     needs_reference_images = (
         "precision_recall" in metrics

@@ -53,10 +53,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from repae.config import build_model
+from repae.convert.official import official_config
 from repae.evaluate import npz_images_shape
 from repae.known_noise import silence_known_noise
 from repae.modules.samplers import generate_images
-from repae.modules.sit import build_sit
+from repae.modules.sit import build_sit, projector_dims
+from repae.modules.state_dict import check_state_dict, sub_state_dict
 from repae.modules.vae import build_vae, load_checked_state_dict
 
 LABEL_SAMPLINGS = ("equal", "random")
@@ -120,53 +123,33 @@ class SamplingModel(nn.Module):
         return generate_images(self.sit, self.vae, labels, noise, **sampler_kwargs)
 
 
-def projector_dims(sit_state_dict: Mapping[str, torch.Tensor]) -> list[int]:
-    """``z_dims`` of the SiT's REPA projectors, read from their last layer's weight [z_dim, projector_dim].
-
-    The projectors play no part in sampling, but a strict load needs their shapes; reading them from
-    the weights avoids building the alignment encoders (and needing their weight files) to learn them.
-    """
-    dims = {}
-    for key, value in sit_state_dict.items():
-        parts = key.split(".")
-        if len(parts) == 4 and parts[0] == "projectors" and parts[2] == "4" and parts[3] == "weight":
-            dims[int(parts[1])] = value.shape[0]
-    return [dims[i] for i in sorted(dims)]
-
-
-def _sub_state_dict(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
-
-
 def _load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, path: str) -> None:
-    try:
-        module.load_state_dict(state_dict, strict=True)
-    except RuntimeError as error:
-        raise ValueError(
-            f"The {what} weights in {path!r} do not fit the model built from its config: {error}"
-        ) from None
+    fits = f"The {what} weights in {path!r} do not fit the model built from its config"
+    check_state_dict(module.state_dict(), state_dict, fits)
+    module.load_state_dict(state_dict, strict=True)
 
 
 def _from_lightning_checkpoint(checkpoint: Mapping, path: str, use_ema: bool) -> SamplingModel:
-    """A repae checkpoint: architecture from ``hyper_parameters`` (plain dicts with ``_target_``)."""
+    """A repae checkpoint: architecture from ``hyper_parameters`` (plain dicts naming repae builders)."""
     hparams, state_dict = checkpoint["hyper_parameters"], checkpoint["state_dict"]
-    sit_state = _sub_state_dict(state_dict, "ema." if use_ema else "sit.")
-    sit = instantiate(dict(hparams["sit"]), z_dims=projector_dims(sit_state))
-    vae = instantiate(dict(hparams["vae"]))
+    if not isinstance(hparams, Mapping):
+        raise ValueError(f"{path!r}: hyper_parameters is a {type(hparams).__name__}, not the model config")
+    sit_state = sub_state_dict(state_dict, "ema." if use_ema else "sit.")
+    sit = build_model(hparams.get("sit"), "hyper_parameters.sit", z_dims=projector_dims(sit_state))
+    vae = build_model(hparams.get("vae"), "hyper_parameters.vae")
     _load_strict(sit, sit_state, "EMA SiT" if use_ema else "SiT", path)
-    _load_strict(vae, _sub_state_dict(state_dict, "vae."), "VAE", path)
+    _load_strict(vae, sub_state_dict(state_dict, "vae."), "VAE", path)
     return SamplingModel(sit, vae)
 
 
-def _official_args(checkpoint: Mapping, path: str) -> argparse.Namespace:
+def _official_args(checkpoint: Mapping, path: str) -> argparse.Namespace | Mapping:
     """The training arguments: ``checkpoint["args"]``, else the ``args.json`` the official training
     writes to ``<exp>/`` (checkpoints live in ``<exp>/checkpoints/``)."""
     if checkpoint.get("args") is not None:
-        args = checkpoint["args"]
-        return args if isinstance(args, argparse.Namespace) else argparse.Namespace(**args)
+        return checkpoint["args"]
     for directory in (Path(path).parent, Path(path).parent.parent):
         if (directory / "args.json").is_file():
-            return argparse.Namespace(**json.loads((directory / "args.json").read_text()))
+            return json.loads((directory / "args.json").read_text())
     raise ValueError(
         f"{path!r} holds no 'args' and no args.json was found beside it or one folder up: cannot tell the "
         "SiT and VAE configurations (model, vae, resolution, ...) of this official checkpoint."
@@ -177,21 +160,15 @@ def _from_official_checkpoint(
     checkpoint: Mapping, path: str, use_ema: bool, vae_weights_path: str | None
 ) -> SamplingModel:
     """An official ``train_repae.py`` / ``train_ldm_only.py`` checkpoint, built from its ``--`` arguments."""
-    args = _official_args(checkpoint, path)
+    config = official_config(_official_args(checkpoint, path), ldm_only="vae" not in checkpoint)
+    if "model.vae.name" not in config:
+        raise ValueError(f"the training arguments of {path!r} name no --vae: cannot tell its VAE")
     sit_state = checkpoint["ema" if use_ema else "model"]
-    vae = build_vae(args.vae)
-    sit = build_sit(
-        args.model,
-        input_size=getattr(args, "resolution", 256) // vae.downsample_factor,
-        in_channels=vae.latent_channels,
-        num_classes=getattr(args, "num_classes", 1000),
-        z_dims=projector_dims(sit_state),
-        encoder_depth=getattr(args, "encoder_depth", 8),
-        bn_momentum=getattr(args, "bn_momentum", 0.1),
-        qk_norm=getattr(args, "qk_norm", False),
-        fused_attn=getattr(args, "fused_attn", True),
-        path_type=getattr(args, "path_type", "linear"),
-    )
+    vae = build_vae(config["model.vae.name"])
+    sit_config = {
+        key.removeprefix("model.sit."): value for key, value in config.items() if key.startswith("model.sit.")
+    }
+    sit = build_sit(**sit_config, z_dims=projector_dims(sit_state))
     _load_strict(sit, sit_state, "EMA SiT" if use_ema else "SiT", path)
     if "vae" in checkpoint:
         _load_strict(vae, checkpoint["vae"], "VAE", path)
@@ -424,7 +401,10 @@ def main(cfg: DictConfig) -> None:
     silence_known_noise()
     # Batches of sample indices need no loader workers; Lightning suggests them all the same.
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    generate(cfg)
+    try:
+        generate(cfg)
+    except (FileNotFoundError, ValueError) as error:  # bad input: one line, no traceback
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

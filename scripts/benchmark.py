@@ -39,8 +39,8 @@ from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from repae.benchmarking import matmul_tflops, report
+from repae.config import to_plain
 from repae.datamodules.datamodule import ImageDataModule
-from repae.module import to_plain
 from repae.modules import vae as vae_module
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")

@@ -15,20 +15,19 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 from safetensors.torch import load_file, save_file
 
-from repae.convert import (
+from repae.config import to_plain
+from repae.convert.checkpoints import extract_vae, load_checkpoint
+from repae.convert.diffusers import (
     DIFFUSERS_WEIGHTS,
-    compose_train_config,
     diffusers_config,
-    extract_vae,
     from_diffusers,
-    from_official,
-    load_checkpoint,
     save_diffusers,
     to_diffusers,
     vae_from_diffusers_config,
     vae_to_diffusers_state_dict,
 )
-from repae.module import REPAE, to_plain
+from repae.convert.official import compose_train_config, from_official
+from repae.module import REPAE
 from repae.modules.vae import build_vae
 from repae.train import train
 

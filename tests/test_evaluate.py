@@ -16,7 +16,6 @@ from torch import nn
 
 import repae.evaluate as evaluate_module
 from repae.evaluate import (
-    InceptionMetricFeatures,
     evaluate,
     image_batches,
     inception_metrics,
@@ -24,7 +23,7 @@ from repae.evaluate import (
     iterate_npz_images,
     precision_recall,
 )
-from repae.metrics import frechet_distance
+from repae.metrics import InceptionFeatures, frechet_distance
 
 from conftest import CONF_DIR
 
@@ -173,13 +172,13 @@ def test_fid_of_a_set_with_itself_is_zero_and_statistics_files_round_trip(
 
 
 def test_spatial_features_are_the_first_seven_channels_of_mixed_6d_in_tf_order(inception_weights):
-    extractor = InceptionMetricFeatures(inception_weights)
+    extractor = InceptionFeatures(inception_weights, config_key="inception_weights_path")
     captured = {}
     extractor.net.Mixed_6d.branch1x1.register_forward_hook(
         lambda module, inputs, output: captured.update(x=output)
     )
     images = torch.from_numpy(smooth_images(2, seed=2)).permute(0, 3, 1, 2)
-    features = extractor(images)
+    features = extractor.metric_features(images)
     assert features["pool"].shape == (2, 2048) and features["logits"].shape == (2, 1008)
     branch = captured["x"]
     assert branch.shape == (2, 192, 17, 17)

@@ -19,11 +19,10 @@ from repae.generate import (
     generate,
     load_sampling_model,
     npz_path_of,
-    projector_dims,
     sample_labels,
 )
 from repae.modules.samplers import euler_maruyama_sampler, generate_images
-from repae.modules.sit import build_sit
+from repae.modules.sit import build_sit, projector_dims
 from repae.modules.vae import build_vae
 from repae.train import train
 
@@ -130,7 +129,7 @@ def test_per_sample_generators_make_sde_samples_independent_of_batching():
 def test_generate_images_matches_the_lightning_module_generate(tiny_config):
     from hydra.utils import instantiate
 
-    from repae.module import to_plain
+    from repae.config import to_plain
 
     torch.manual_seed(0)
     module = instantiate(to_plain(tiny_config().model), _recursive_=False)

@@ -124,7 +124,7 @@ def test_effnet_features_stay_in_eval_mode():
 @pytest.mark.parametrize("weights_path", [None, "/nonexistent/inception.pth"])
 def test_missing_inception_weights_name_the_config_key_and_file(weights_path):
     with pytest.raises(FileNotFoundError) as error:
-        InceptionFeatures(weights_path)
+        InceptionFeatures(weights_path, config_key="callbacks.fid.inception_weights_path")
     assert "callbacks.fid.inception_weights_path" in str(error.value)
     assert "weights-inception-2015-12-05-6726825d.pth" in str(error.value)
 
@@ -144,10 +144,10 @@ def test_inception_features_load_a_local_file_without_downloading(tmp_path, monk
         raise AssertionError("tried to download the Inception weights")
 
     monkeypatch.setattr(inception_module, "load_state_dict_from_url", no_download)
-    extractor = InceptionFeatures(str(weights))
+    extractor = InceptionFeatures(str(weights), config_key="callbacks.fid.inception_weights_path")
     features = extractor(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
     assert features.shape == (2, 2048) and torch.isfinite(features).all()
-    assert torch.equal(extractor.inception.fc.weight, random_net.fc.weight)
+    assert torch.equal(extractor.net.fc.weight, random_net.fc.weight)
 
 
 class MeanColour(torch.nn.Module):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from repae.modules.losses import call_with_frozen_parameters
-from repae.modules.sit import SIT_MODEL_NAMES, build_sit, interpolant, sincos_pos_embed_2d
+from repae.modules.sit import SIT_MODEL_NAMES, build_sit, interpolant, projector_dims, sincos_pos_embed_2d
 
 
 def tiny_sit(**overrides):
@@ -76,6 +76,17 @@ def test_every_size_and_patch_is_buildable_including_sit_s():
     model = build_sit("SiT-S/2", input_size=8, in_channels=4, depth=2, z_dims=[8], encoder_depth=1)
     out = model(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), [torch.randn(2, 16, 8)])
     assert out["denoising_loss"].shape == (2,)
+
+
+def test_projector_dims_recover_the_encoder_feature_sizes_from_the_weights():
+    sit = build_sit(
+        "SiT-S/2", input_size=8, in_channels=4, z_dims=[768, 112, 1024], projector_dim=64, num_classes=10
+    )
+    assert projector_dims(sit.state_dict()) == [768, 112, 1024]
+    # The key order of a file does not matter, nor does it matter that projector 10 sorts before 2 as text.
+    many = build_sit("SiT-S/2", input_size=8, in_channels=4, z_dims=list(range(8, 20)), projector_dim=16)
+    assert projector_dims(dict(reversed(list(many.state_dict().items())))) == list(range(8, 20))
+    assert projector_dims(build_sit("SiT-S/2", input_size=8, in_channels=4, z_dims=[]).state_dict()) == []
 
 
 def test_unknown_model_name_lists_valid_names():

@@ -9,7 +9,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from repae.module import REPAE, to_plain
+from repae.config import to_plain
+from repae.module import REPAE
 from repae.modules.sit import SiT
 from repae.train import instantiate_dict, train
 

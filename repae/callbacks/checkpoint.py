@@ -82,7 +82,7 @@ class StepCheckpoint(ModelCheckpoint):
 
     def _save_official(self, trainer: pl.Trainer) -> None:
         """Also write ``{step:07d}.pt`` in the official checkpoint layout (rank 0)."""
-        from repae.convert import official_checkpoint
+        from repae.convert.checkpoints import official_checkpoint
 
         # Through the strategy, which assembles sharded (trainer=fsdp) weights on rank 0.
         checkpoint = {

@@ -205,7 +205,9 @@ class DistributionMetricCallback(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.feature_extractor is None:
             if self.feature_extractor_name == "inception":
-                self.feature_extractor = InceptionFeatures(self.inception_weights_path)
+                self.feature_extractor = InceptionFeatures(
+                    self.inception_weights_path, config_key="callbacks.fid.inception_weights_path"
+                )
             else:
                 self.feature_extractor = EfficientNetFeatures(self.effnet_resolution)
 

@@ -31,7 +31,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
-from repae.modules.state_dict import StateDictDiff, describe
+from repae.modules.state_dict import check_state_dict, describe
 
 WEIGHTS_KEY = "model.encoder.weights_paths"
 # An explicit opt-in to random ViT weights, for speed benchmarks and plumbing tests only.
@@ -278,12 +278,10 @@ def _assign_checked(
 
     ``assign=True`` replaces the parameters, so ``module`` may live on the meta device.
     """
-    diff = StateDictDiff.between(module.state_dict(), state_dict)
-    if not diff.matches:
-        raise ValueError(
-            f"{str(source)!r} (set by `{WEIGHTS_KEY}`) does not fit {architecture}: {diff.describe()}. "
-            "Is it the checkpoint of another encoder or model size?"
-        )
+    what = f"{str(source)!r} (set by `{WEIGHTS_KEY}`) does not fit {architecture}"
+    check_state_dict(
+        module.state_dict(), state_dict, what, "Is it the checkpoint of another encoder or model size?"
+    )
     state_dict = {k: v.float().contiguous() if v.is_floating_point() else v for k, v in state_dict.items()}
     module.load_state_dict(state_dict, strict=True, assign=True)
 

@@ -260,6 +260,23 @@ def build_projector(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequ
     )
 
 
+def projector_dims(sit_state_dict: dict[str, torch.Tensor]) -> list[int]:
+    """``z_dims`` of a SiT state dict's REPA projectors: the output size of each projector's last
+    Linear (the weight [z_dim, projector_dim] with the highest layer index), in projector order.
+
+    A strict load needs the projectors' shapes; reading them from the weights spares building the
+    alignment encoders (and needing their weight files) to learn them.
+    """
+    last: dict[int, tuple[int, int]] = {}
+    for key, value in sit_state_dict.items():
+        found = re.fullmatch(r"projectors\.(\d+)\.(\d+)\.weight", key)
+        if found:
+            projector, layer = int(found.group(1)), int(found.group(2))
+            if projector not in last or layer > last[projector][0]:
+                last[projector] = (layer, value.shape[0])
+    return [last[i][1] for i in sorted(last)]
+
+
 class SiT(nn.Module):
     """Scalable interpolant transformer with REPA projectors and an affine-free input BatchNorm.
 

@@ -50,3 +50,27 @@ class StateDictDiff:
             if items
         ]
         return "; ".join(problems)
+
+
+def check_state_dict(
+    expected: Mapping[str, Tensor],
+    found: Mapping[str, Tensor],
+    what: str,
+    hint: str = "",
+    strict: bool = True,
+) -> StateDictDiff:
+    """Raise one ValueError ``"{what}: {differences}. {hint}"`` unless ``found`` has the keys and shapes
+    of ``expected``; with ``strict`` False only shape mismatches are an error.
+
+    Returns:
+        The differences (only missing or unexpected keys when not ``strict``), for a warning.
+    """
+    diff = StateDictDiff.between(expected, found)
+    if diff.mismatched or (strict and not diff.matches):
+        raise ValueError(f"{what}: {diff.describe()}." + (f" {hint}" if hint else ""))
+    return diff
+
+
+def sub_state_dict(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries of ``state_dict`` under ``prefix`` (e.g. ``"vae."``), with the prefix removed."""
+    return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}

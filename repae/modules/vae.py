@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repae.modules.scale_shift_swish import affine, at_least_float32, scale_shift_swish, swish
-from repae.modules.state_dict import StateDictDiff, describe
+from repae.modules.state_dict import check_state_dict, describe
 
 
 def images_to_vae_input(images: Tensor) -> Tensor:
@@ -545,15 +545,11 @@ def load_checked_state_dict(
             f"(nor one wrapped under {list(wrapper_keys)})."
         )
 
-    diff = StateDictDiff.between(module.state_dict(), state_dict)
-    if diff.mismatched or (strict and not diff.matches):
-        hint = ""
-        if any("down_blocks" in k or "up_blocks" in k for k in diff.unexpected):
-            hint = " The file looks like a diffusers checkpoint; convert it to the CompVis/LDM layout."
-        raise ValueError(
-            f"{str(path)!r} (set by `{config_key}`) does not match the configured {target}: "
-            f"{diff.describe()}. Check that the model config matches the file.{hint}"
-        )
+    hint = "Check that the model config matches the file."
+    if any("down_blocks" in k or "up_blocks" in k for k in state_dict):
+        hint += " The file looks like a diffusers checkpoint; convert it to the CompVis/LDM layout."
+    what = f"{str(path)!r} (set by `{config_key}`) does not match the configured {target}"
+    diff = check_state_dict(module.state_dict(), state_dict, what, hint, strict=strict)
     if not diff.matches:
         warnings.warn(
             f"Non-strict load of {str(path)!r} into {target}: {len(diff.missing)} missing keys "
