@@ -25,6 +25,7 @@ from benchmark import matmul_tflops, report
 from benchmark_vae import vae_argument_parser
 from torch import nn
 
+from repae.kernels import use_fast_kernels
 from repae.modules.discriminator import NLayerDiscriminator
 from repae.modules.perceptual import LPIPS
 from repae.modules.vae import build_vae
@@ -145,7 +146,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     loss_dtype = torch.bfloat16 if args.loss_networks_bf16 else torch.float32
-    vae = build_vae(args.vae).cuda()
+    vae = use_fast_kernels(build_vae(args.vae)).cuda()
     images = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device="cuda") * 2 - 1
     networks = {
         "vae": vae,

@@ -24,8 +24,10 @@ import torch
 from benchmark import report
 from benchmark_convolutions import time_ms
 from benchmark_vae import module_input_shapes, vae_argument_parser
+from torch.nn import GroupNorm
 
-from repae.modules.vae import GroupNorm, group_norm_channels_last, group_norm_swish_channels_last, swish
+from repae.kernels.group_norm import group_norm_channels_last, group_norm_swish_channels_last
+from repae.modules.vae import swish
 
 COORDINATE_DESCENT = {"coordinate_descent_tuning": True}
 OPTIONS = {

@@ -7,7 +7,7 @@ forward + input and weight gradients, at the shapes the decoder runs them:
   the upsampling is the broadcast the VAE used before, whose compiled backward is a sum);
 - ``subpixel``: one 2x2 convolution of the input with 4x the output channels, one per output
   parity, interleaved afterwards (16 taps per input pixel instead of 36);
-- ``transposed`` (what ``repae.modules.vae.upsample_conv3x3`` runs): a stride-2 transposed
+- ``transposed`` (what ``repae.kernels.upsample.upsample_conv3x3`` runs): a stride-2 transposed
   convolution with a 4x4 kernel of summed taps, which writes the interleaved output itself.
 
 Random weights, bf16 autocast; each form's largest difference to the first is reported too.
@@ -22,7 +22,9 @@ from benchmark_convolutions import time_ms
 from benchmark_vae import module_input_shapes, vae_argument_parser
 from torch import Tensor
 
-from repae.modules.vae import Upsample, is_channels_last, upsample_conv3x3, upsampled_kernel_taps
+from repae.kernels.group_norm import is_channels_last
+from repae.kernels.upsample import upsample_conv3x3, upsampled_kernel_taps
+from repae.modules.vae import Upsample
 
 # Output parity (even/odd row) -> the two of the transposed kernel's four taps it uses: row 2i
 # reads input rows (i-1, i) with taps (K3, K1), row 2i+1 rows (i, i+1) with (K2, K0).
