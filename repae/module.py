@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.distributed.tensor import DTensor
 
 from repae.config import build_model, to_plain
+from repae.kernels import use_fast_kernels
 from repae.modules.ema import EMAUpdate, make_ema, update_ema
 from repae.modules.encoders import build_encoders
 from repae.modules.losses import call_with_frozen_parameters
@@ -128,6 +129,9 @@ class REPAE(pl.LightningModule):
         channels_last: keep the convolutional networks (VAE, discriminator, perceptual network) and
             their image inputs in NHWC memory format, which cuDNN's bf16 convolutions use natively
             (otherwise it converts every activation both ways). Same numbers, another layout.
+        fast_kernels: run the VAE with the fast forms of its modules (``repae.kernels``: fused
+            channels_last GroupNorm + swish, the upsampling as one transposed convolution, ...),
+            swapped in at ``setup``. Same parameters, same function up to rounding.
     """
 
     def __init__(
@@ -152,6 +156,7 @@ class REPAE(pl.LightningModule):
         compile_options: Mapping | None = None,
         vae_compile_options: Mapping | None = None,
         channels_last: bool = False,
+        fast_kernels: bool = False,
     ):
         super().__init__()
         if mode not in MODES:
@@ -176,6 +181,7 @@ class REPAE(pl.LightningModule):
             **inductor_options("vae_compile_options", vae_compile_options),
         }
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.fast_kernels = fast_kernels
 
         self.encoders = build_encoders(**to_plain(encoder))
         self.vae = build_model(to_plain(vae), "model.vae")
@@ -244,6 +250,8 @@ class REPAE(pl.LightningModule):
             device = plugin.device if hasattr(plugin, "device") else "cuda"
             self.grad_scalers = [torch.amp.GradScaler(device) for _ in self.parameter_groups]
             plugin.scaler = None
+        if self.fast_kernels:
+            use_fast_kernels(self.vae)
         convolutional = [self.vae, *([self.vae_loss] if self.vae_loss else [])]
         if self.memory_format is torch.channels_last:
             for module in convolutional:

@@ -8,9 +8,10 @@ Positional arguments are Hydra overrides of the training config. Weights are ran
 LPIPS trunk, VAE and discriminator files are not needed) and the data are random uint8 images,
 so the numbers measure the step, not the data pipeline. The step runs through the real Trainer and
 LightningModule. FLOPs per image are counted once with torch's FlopCounterMode on one step (matmuls,
-convolutions and attention, forward and backward) of the model as defined: the VAE's upsampling
-convolutions count as 3x3 convolutions on the upsampled grid, as the official code runs them,
-though ``upsample_conv3x3`` computes them with 2.25x fewer FLOPs (model FLOPs, not executed ones).
+convolutions and attention, forward and backward) of the model as defined, with the VAE's fast
+kernels switched off for that step: the VAE's upsampling convolutions count as 3x3 convolutions on
+the upsampled grid, as the official code runs them, though the fast kernels (``model.fast_kernels``)
+compute them with 2.25x fewer FLOPs (model FLOPs, not executed ones).
 MFU divides the achieved FLOP/s by the bf16 matrix rate of an 8192^3 matmul measured on the same
 card in the same run, so results compare across H100 and H200. Results go to stdout and, with
 --output, to a JSON file.
@@ -27,11 +28,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -41,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from repae.benchmarking import matmul_tflops, report
 from repae.config import to_plain
 from repae.datamodules.datamodule import ImageDataModule
-from repae.modules import vae as vae_module
+from repae.kernels import use_fast_kernels
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 RANDOM_WEIGHTS = [
@@ -76,17 +75,6 @@ class RandomImages(Dataset):
             std = 0.01 + 0.1 * torch.rand(*self.latent_shape, generator=generator)
             sample["latent"] = torch.cat([mean, std])
         return sample
-
-
-def upsample_then_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """What ``vae_module.upsample_conv3x3`` computes, the way the model defines it (nearest x2 as a
-    broadcast copy in x's memory format, then the 3x3 convolution): the FLOPs are counted on this."""
-    b, c, h, w = x.shape
-    copies = x.permute(0, 2, 3, 1)[:, :, None, :, None].expand(b, h, 2, w, 2, c)
-    upsampled = copies.reshape(b, 2 * h, 2 * w, c).permute(0, 3, 1, 2)  # channels_last
-    if not vae_module.is_channels_last(x):
-        upsampled = upsampled.contiguous()
-    return F.conv2d(upsampled, weight, bias, padding=1)
 
 
 class GarbageCollectionPauses:
@@ -163,9 +151,8 @@ class StepTimer(pl.Callback):
         if batch_idx == 0:
             if self.count_flops:
                 self._counter = self._counting.enter_context(FlopCounterMode(display=False))
-                self._counting.enter_context(
-                    mock.patch.object(vae_module, "upsample_conv3x3", upsample_then_conv3x3)
-                )
+                use_fast_kernels(pl_module.vae, enabled=False)  # the network as defined
+                self._counting.callback(use_fast_kernels, pl_module.vae, pl_module.fast_kernels)
             torch.cuda.synchronize()
             self._start = time.perf_counter()
         else:

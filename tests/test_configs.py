@@ -76,3 +76,60 @@ def submitit_launcher_installed() -> bool:
 def test_slurm_launcher_config_composes():
     cfg = compose_train("experiment=repae_sdvae", "trainer=slurm", "hydra/launcher=slurm")
     assert cfg.hydra.launcher.tasks_per_node == 8 and cfg.hydra.launcher.max_num_timeout == 20
+
+
+PERF_KEYS = ("compile", "compile_options", "vae_compile_options", "channels_last", "fast_kernels")
+
+
+def perf_settings(cfg) -> dict:
+    return {**{key: cfg.model[key] for key in PERF_KEYS}, "fused": cfg.model.optimizer.fused}
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_the_reference_perf_is_the_default_and_fast_sets_the_gpu_recipe(experiment):
+    reference = compose_train(f"experiment={experiment}")
+    assert reference.hydra.runtime.choices.perf == "reference"
+    assert perf_settings(reference) == {
+        "compile": False,
+        "compile_options": None,
+        "vae_compile_options": None,
+        "channels_last": False,
+        "fast_kernels": False,
+        "fused": None,
+    }
+    fast = compose_train("perf=fast", f"experiment={experiment}")
+    assert perf_settings(fast) == {
+        "compile": True,
+        "compile_options": None,
+        "vae_compile_options": None,
+        "channels_last": True,
+        "fast_kernels": True,
+        "fused": True,
+    }
+    # The perf group sets speed keys only; an ldm_only model keeps having no loss.
+    for key in set(reference.model) - set(PERF_KEYS) - {"optimizer"}:
+        assert fast.model[key] == reference.model[key], key
+    if fast.model.loss is not None:
+        assert fast.model.loss.autocast_networks is False  # fp32 loss networks, as measured
+
+
+def test_perf_fast_is_the_gpu_recipe_docs_performance_measures():
+    """`perf=fast` composes the model of the command behind docs/performance.md's numbers (its
+    fast kernels were unconditional then, hence model.fast_kernels=true)."""
+    fast = compose_train("experiment=repae_sdvae", "perf=fast")
+    measured = compose_train(
+        "experiment=repae_sdvae",
+        "model.optimizer.fused=true",
+        "model.compile=true",
+        "model.channels_last=true",
+        "model.fast_kernels=true",
+    )
+    assert fast.model == measured.model
+
+
+def test_a_speed_key_set_on_its_own_overrides_the_perf_group():
+    cfg = compose_train(
+        "perf=fast", "experiment=repae_sdvae", "model.compile=false", "model.loss.autocast_networks=true"
+    )
+    assert cfg.model.compile is False and cfg.model.channels_last is True
+    assert cfg.model.loss.autocast_networks is True

@@ -1,5 +1,5 @@
-"""The speed levers (torch.compile of every network, fused AdamW, channels_last) leave the training
-unchanged, and their settings reach what they set."""
+"""The speed levers (torch.compile of every network, fused AdamW, channels_last, the VAE's fast
+kernels; together ``perf=fast``) leave the training unchanged, and their settings reach what they set."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch._inductor.config as inductor_config
 
+from repae.kernels.vae import FAST_MODULES
 from repae.train import train
 
 from test_training import build, fit, loss_trace
@@ -30,8 +31,16 @@ RELATIVE_TOLERANCE = {1: 1e-5, 2: 5e-4}
         ("model.compile=true", "model.optimizer.fused=true"),
         ("model.channels_last=true",),
         ("model.compile=true", "model.optimizer.fused=true", "model.channels_last=true"),
+        ("model.fast_kernels=true", "model.channels_last=true"),
+        ("perf=fast",),
     ],
-    ids=["compile+fused", "channels_last", "compile+fused+channels_last"],
+    ids=[
+        "compile+fused",
+        "channels_last",
+        "compile+fused+channels_last",
+        "fast_kernels+channels_last",
+        "perf=fast",
+    ],
 )
 def test_fast_paths_train_like_the_default_path(tiny_config, tmp_path, levers):
     eager = tiny_config("model.max_train_steps=2")
@@ -50,6 +59,16 @@ def test_fast_paths_train_like_the_default_path(tiny_config, tmp_path, levers):
         assert sorted(found) == [1, 2]
         for step, value in expected.items():
             assert found[step] == pytest.approx(value, rel=RELATIVE_TOLERANCE[step], abs=1e-6), (key, step)
+
+
+def test_the_fast_kernels_switch_swaps_the_vae_modules_when_the_run_sets_up(tiny_config):
+    cfg = tiny_config("model.fast_kernels=true", "model.max_train_steps=1")
+    model = build(cfg)
+    plain = {type(module) for module in model.vae.modules()}
+    fit(cfg, model)
+    fast = {type(module) for module in model.vae.modules()}
+    assert not plain & set(FAST_MODULES.values())
+    assert set(FAST_MODULES.values()) <= fast and not fast & set(FAST_MODULES)
 
 
 def test_compile_options_reach_the_compilation_of_every_network(tiny_config, monkeypatch):

@@ -14,11 +14,11 @@ import torch
 from functorch.compile import min_cut_rematerialization_partition
 from torch._dynamo.backends.common import aot_autograd
 
-from repae.modules.vae import group_norm_swish_channels_last
+from repae.kernels.group_norm import group_norm_swish_channels_last
 
 CHECK = """
 import torch
-from repae.modules import scale_shift_swish as module
+from repae.kernels import scale_shift_swish as module
 
 torch.manual_seed(0)
 # 96 channels (not a power of two) and 5 x 7 pixels: masked channels and a partial last tile.

@@ -1,26 +1,28 @@
-"""Behaviour of the CompVis AutoencoderKL, its posterior and its weight loader."""
+"""Behaviour of the CompVis AutoencoderKL, its posterior and its weight loader, and of its fast
+kernels (``repae.kernels``): the same function as the network of ``repae/modules/vae.py``."""
 
 from __future__ import annotations
 
-from functools import partial
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from repae.modules import vae as vae_module
+from repae.kernels import group_norm as group_norm_module
+from repae.kernels import use_fast_kernels
+from repae.kernels.group_norm import FastGroupNorm, group_norm_channels_last
+from repae.kernels.upsample import upsample_conv3x3
+from repae.kernels.vae import FAST_MODULES
 from repae.modules.vae import (
     VAE_CONFIGS,
     AttnBlock,
     AutoencoderKL,
     DiagonalGaussianDistribution,
-    GroupNorm,
     ResnetBlock,
     build_vae,
-    group_norm_channels_last,
     load_vae_weights,
     swish,
-    upsample_conv3x3,
 )
 
 
@@ -190,9 +192,10 @@ def test_from_mean_std_round_trips_the_cached_latent_format():
     torch.testing.assert_close(restored.logvar, posterior.logvar)
 
 
-def test_attention_block_equals_explicit_softmax_attention():
+@pytest.mark.parametrize("fast_kernels", [False, True], ids=["plain", "fast"])
+def test_attention_block_equals_explicit_softmax_attention(fast_kernels):
     torch.manual_seed(0)
-    block = AttnBlock(64)
+    block = use_fast_kernels(AttnBlock(64), fast_kernels)
     for conv in (block.q, block.k, block.v, block.proj_out):
         torch.nn.init.normal_(conv.weight, std=0.2)
     x = torch.randn(2, 64, 5, 6)
@@ -249,7 +252,7 @@ def test_channels_last_group_norm_equals_torch_and_stays_channels_last():
 def test_group_norm_then_swish_has_the_values_and_gradients_of_the_norm_followed_by_swish(memory_format):
     """On the channels_last path the pair is one autograd function with its own backward."""
     torch.manual_seed(0)
-    norm = GroupNorm(num_groups=32, num_channels=64).to(torch.float64)
+    norm = FastGroupNorm(num_groups=32, num_channels=64).to(torch.float64)
     torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
     input_bias = 2 * torch.randn(64, dtype=torch.float64, requires_grad=True)
     x = (3 * torch.randn(2, 64, 5, 7, dtype=torch.float64) + 1).contiguous(memory_format=memory_format)
@@ -270,9 +273,9 @@ def test_group_norm_then_swish_has_the_values_and_gradients_of_the_norm_followed
     "memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"]
 )
 def test_group_norm_of_an_input_bias_equals_the_group_norm_of_the_biased_input(memory_format):
-    """ResnetBlock hands conv1's bias to norm2 instead of adding it to conv1's output."""
+    """The fast ResnetBlock hands conv1's bias to norm2 instead of adding it to conv1's output."""
     torch.manual_seed(0)
-    norm = GroupNorm(num_groups=32, num_channels=64)
+    norm = FastGroupNorm(num_groups=32, num_channels=64)
     torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
     input_bias = 2 * torch.randn(64, requires_grad=True)  # different per channel of one group
     x = (3 * torch.randn(2, 64, 5, 7) + 1).contiguous(memory_format=memory_format)
@@ -288,67 +291,24 @@ def test_group_norm_of_an_input_bias_equals_the_group_norm_of_the_biased_input(m
     )
 
 
-def norm_swish(x, norm):
-    return F.silu(F.group_norm(x, 32, norm.weight, norm.bias, norm.eps))
-
-
-def compvis_conv(conv, x, **kwargs):
-    return F.conv2d(x, conv.weight, conv.bias, **kwargs)
-
-
-def compvis_resnet_block(block, x):
-    """The CompVis ResnetBlock with ``block``'s parameters, every bias added where its convolution is."""
-    h = compvis_conv(block.conv1, norm_swish(x, block.norm1), padding=1)
-    h = compvis_conv(block.conv2, norm_swish(h, block.norm2), padding=1)
-    if hasattr(block, "nin_shortcut"):
-        x = compvis_conv(block.nin_shortcut, x)
-    return x + h
-
-
-def compvis_level(level, h):
-    """A level's ResnetBlocks, each followed by its attention block where the level has them."""
-    for i, block in enumerate(level.block):
-        h = compvis_resnet_block(block, h)
-        if len(level.attn) > 0:
-            h = level.attn[i](h)
-    return h
-
-
-def compvis_mid(mid, h):
-    return compvis_resnet_block(mid.block_2, mid.attn_1(compvis_resnet_block(mid.block_1, h)))
-
-
-def compvis_encoder(encoder, x):
-    h = compvis_conv(encoder.conv_in, x, padding=1)
-    for down in encoder.down:
-        h = compvis_level(down, h)
-        if hasattr(down, "downsample"):
-            h = compvis_conv(down.downsample.conv, F.pad(h, (0, 1, 0, 1)), stride=2)
-    h = compvis_mid(encoder.mid, h)
-    return compvis_conv(encoder.conv_out, norm_swish(h, encoder.norm_out), padding=1)
-
-
-def compvis_decoder(decoder, z):
-    h = compvis_mid(decoder.mid, compvis_conv(decoder.conv_in, z, padding=1))
-    for up in reversed(decoder.up):
-        h = compvis_level(up, h)
-        if hasattr(up, "upsample"):
-            h = compvis_conv(up.upsample.conv, F.interpolate(h, scale_factor=2.0, mode="nearest"), padding=1)
-    return compvis_conv(decoder.conv_out, norm_swish(h, decoder.norm_out), padding=1)
+def switched(network: torch.nn.Module, fast_kernels: bool):
+    """``network``'s forward with its fast kernels on or off (the same parameters either way)."""
+    return lambda x: use_fast_kernels(network, fast_kernels)(x)
 
 
 @pytest.mark.parametrize(
     "memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"]
 )
-def test_resnet_block_computes_the_compvis_block_with_every_bias(memory_format):
+def test_fast_resnet_block_computes_the_compvis_block_with_every_bias(memory_format):
     torch.manual_seed(0)
     block = ResnetBlock(64, 96)
     for parameter in block.parameters():  # non-zero biases and non-trivial norm affines
         torch.nn.init.normal_(parameter, std=0.1)
     x = torch.randn(2, 64, 6, 5)
-    expected = compvis_resnet_block(block, x)
+    expected = block(x)
 
-    out = block.to(memory_format=memory_format)(x.contiguous(memory_format=memory_format))
+    fast = use_fast_kernels(copy.deepcopy(block)).to(memory_format=memory_format)
+    out = fast(x.contiguous(memory_format=memory_format))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -356,27 +316,46 @@ def test_resnet_block_computes_the_compvis_block_with_every_bias(memory_format):
     "memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"]
 )
 def test_encoder_and_decoder_compute_the_compvis_networks_with_every_bias(memory_format):
-    """The pieces rewritten for speed (GroupNorm with conv1's bias, the upsampling as a transposed
-    convolution) together: the encoder and the decoder compute what the CompVis code computes,
-    values and gradients, in float64 so that nothing but a wrong formula tells them apart (the
-    attention blocks are the modules' own, checked on their own above)."""
+    """The fast kernels together (GroupNorm with conv1's bias and the fused swish, the attention,
+    the upsampling as a transposed convolution): with them the encoder and the decoder compute what
+    the CompVis network of ``repae/modules/vae.py`` computes, values and gradients, in float64 so
+    that nothing but a wrong formula tells them apart."""
     torch.manual_seed(0)
-    vae = build_vae("f4d4-tiny").to(torch.float64, memory_format=memory_format)
+    vae = build_vae("f4d4-tiny", attn_resolutions=(8,)).to(torch.float64, memory_format=memory_format)
     for name, parameter in vae.named_parameters():
         if name.endswith("bias"):  # large enough that a bias dropped or added twice shows
             torch.nn.init.normal_(parameter, std=0.5)
     images = (torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1).contiguous(memory_format=memory_format)
     latents = torch.randn(2, 4, 8, 8, dtype=torch.float64).contiguous(memory_format=memory_format)
 
-    for network, reference, x in [
-        (vae.encoder, compvis_encoder, images),
-        (vae.decoder, compvis_decoder, latents),
-    ]:
-        compvis = partial(reference, network)
+    for network, x in [(vae.encoder, images), (vae.decoder, latents)]:
+        compvis = switched(network, fast_kernels=False)
         grad_output = torch.randn_like(compvis(x))
         assert_same_values_and_gradients(
-            network, compvis, x, grad_output, list(network.parameters()), tolerance=1e-10
+            switched(network, fast_kernels=True),
+            compvis,
+            x,
+            grad_output,
+            list(network.parameters()),
+            tolerance=1e-10,
         )
+
+
+def test_fast_kernels_keep_the_parameters_and_state_dict_keys_and_switch_back():
+    """Checkpoints load either way, and optimizers keep their parameters, as the switch swaps
+    classes only."""
+    vae = build_vae("f4d4-tiny", attn_resolutions=(8,))
+    parameters, state_dict = list(vae.parameters()), vae.state_dict()
+    plain_types = [type(module) for module in vae.modules()]
+
+    use_fast_kernels(vae)
+    assert all(a is b for a, b in zip(vae.parameters(), parameters, strict=True))
+    assert list(vae.state_dict()) == list(state_dict)
+    fast_types = {type(module) for module in vae.modules()}
+    assert set(FAST_MODULES.values()) <= fast_types and not fast_types & set(FAST_MODULES)
+
+    use_fast_kernels(vae, enabled=False)
+    assert [type(module) for module in vae.modules()] == plain_types
 
 
 @pytest.mark.parametrize(
@@ -392,14 +371,14 @@ def test_encoder_and_decoder_compute_the_compvis_networks_with_every_bias(memory
 def test_group_norm_uses_the_nhwc_path_only_for_channels_last_images(
     monkeypatch, shape, memory_format, takes_nhwc_path
 ):
-    calls, original = [], vae_module.group_norm_channels_last
+    calls, original = [], group_norm_module.group_norm_channels_last
 
     def spy(*args):
         calls.append(args)
         return original(*args)
 
-    monkeypatch.setattr(vae_module, "group_norm_channels_last", spy)
-    norm = GroupNorm(num_groups=32, num_channels=64)
+    monkeypatch.setattr(group_norm_module, "group_norm_channels_last", spy)
+    norm = FastGroupNorm(num_groups=32, num_channels=64)
     x = torch.randn(shape).contiguous(memory_format=memory_format)
 
     torch.testing.assert_close(norm(x), F.group_norm(x, 32, norm.weight, norm.bias, norm.eps))
@@ -408,7 +387,7 @@ def test_group_norm_uses_the_nhwc_path_only_for_channels_last_images(
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_channels_last_group_norm_returns_the_dtype_torch_returns(dtype):
-    norm = GroupNorm(num_groups=32, num_channels=64).to(dtype)
+    norm = FastGroupNorm(num_groups=32, num_channels=64).to(dtype)
     x = torch.randn(2, 64, 4, 4, dtype=dtype)
     nhwc = x.contiguous(memory_format=torch.channels_last)
     for autocast in (False, True):
@@ -420,7 +399,7 @@ def test_channels_last_group_norm_returns_the_dtype_torch_returns(dtype):
 
 
 def test_group_norm_keeps_the_torch_state_dict_keys():
-    assert set(GroupNorm(32, 64).state_dict()) == set(torch.nn.GroupNorm(32, 64).state_dict())
+    assert set(FastGroupNorm(32, 64).state_dict()) == set(torch.nn.GroupNorm(32, 64).state_dict())
 
 
 @pytest.mark.parametrize(
@@ -453,9 +432,10 @@ def test_upsampling_convolution_under_autocast_stays_within_bf16_rounding_of_flo
     torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
 
 
-def test_tiny_vae_gives_the_same_reconstructions_and_gradients_in_channels_last():
+@pytest.mark.parametrize("fast_kernels", [False, True], ids=["plain", "fast"])
+def test_tiny_vae_gives_the_same_reconstructions_and_gradients_in_channels_last(fast_kernels):
     torch.manual_seed(0)
-    vae = build_vae("f4d4-tiny")
+    vae = use_fast_kernels(build_vae("f4d4-tiny"), fast_kernels)
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     torch.manual_seed(1)  # the same posterior sample in both layouts
     _, _, expected = vae(images)

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repae.modules.scale_shift_swish import affine, at_least_float32, scale_shift_swish, swish
 from repae.modules.state_dict import check_state_dict, describe
 
 
@@ -67,117 +66,14 @@ class DiagonalGaussianDistribution:
         return 0.5 * torch.sum(mean.pow(2) + logvar.exp() - 1.0 - logvar, dim=[1, 2, 3])
 
 
-def is_channels_last(x: Tensor) -> bool:
-    """Whether a 4-D tensor is laid out NHWC (and not also NCHW, as tensors with H = W = 1 are)."""
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+def swish(x: Tensor) -> Tensor:
+    """The CompVis ``nonlinearity``: x * sigmoid(x)."""
+    return x * torch.sigmoid(x)
 
 
-class ChannelMoments(torch.autograd.Function):
-    """The variance and mean over H*W of each channel of a channels_last [B, C, H, W] tensor, [B, C]
-    each in at least float32. Its backward is element-wise with the saved mean. Autograd's
-    ``var_mean`` backward recomputes the mean, a reduction over the whole activation; with the
-    norm's other backward reductions in an op of their own (``scale_shift_swish``) the compiled
-    backward graph kept it, a pass of its own on the GPU."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:
-        b, c, h, w = x.shape
-        rows = at_least_float32(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
-        var, mean = torch.var_mean(rows, dim=1, correction=0)
-        ctx.save_for_backward(x, mean)
-        return var, mean
-
-    @staticmethod
-    def backward(ctx, grad_var: Tensor, grad_mean: Tensor) -> Tensor:
-        x, mean = ctx.saved_tensors
-        positions = x.shape[2] * x.shape[3]
-        centred = at_least_float32(x) - mean[:, :, None, None]
-        grad = (2 * grad_var[:, :, None, None] * centred + grad_mean[:, :, None, None]) / positions
-        return grad.to(x.dtype)
-
-
-def group_norm_scale_shift(
-    x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float, input_bias: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """The GroupNorm of a channels_last [B, C, H, W] tensor as one scale and shift per (image,
-    channel), [B, C] each in at least float32: ``group_norm(x) = x * scale + shift``.
-
-    On CUDA, ``F.group_norm`` (and inductor's decomposition of it) views the input as [B, G, -1],
-    which copies an NHWC tensor to NCHW. Here the statistics are per-channel moments over the H*W
-    positions, a reduction that reads NHWC in place, pooled within each group (the group variance
-    is the mean of the channel variances plus the variance of the channel means).
-
-    ``input_bias`` [C]: normalise ``x + input_bias`` (per channel) without materialising the sum.
-    The convolution that produced x leaves its bias to this function, which saves a read and a
-    write of the activation: a per-channel constant moves the channel means, not their variances.
-    """
-    b, c, h, w = x.shape
-    channel_var, channel_mean = ChannelMoments.apply(x)
-    dtype = channel_mean.dtype
-    input_bias = 0.0 if input_bias is None else input_bias.to(dtype)
-    channel_mean = channel_mean + input_bias
-    channel_var, channel_mean = channel_var.view(b, num_groups, -1), channel_mean.view(b, num_groups, -1)
-    mean = channel_mean.mean(dim=2, keepdim=True)
-    var = channel_var.mean(dim=2, keepdim=True) + channel_mean.var(dim=2, correction=0, keepdim=True)
-    scale = (torch.rsqrt(var + eps) * weight.to(dtype).view(num_groups, -1)).view(b, c)
-    shift = bias.to(dtype) + input_bias * scale - (mean * scale.view(b, num_groups, -1)).view(b, c)
-    return scale, shift
-
-
-def group_norm_channels_last(
-    x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float, input_bias: Tensor | None = None
-) -> Tensor:
-    """``F.group_norm`` for a channels_last [B, C, H, W] tensor, returned channels_last: the scale and
-    shift of ``group_norm_scale_shift`` applied element-wise, an op that keeps the NHWC layout and
-    that torch.compile fuses with the cast feeding the next convolution. Computed in at least
-    float32; returned in float32 under CUDA autocast (which runs group_norm in float32), otherwise
-    in x's dtype, as ``F.group_norm``."""
-    scale, shift = group_norm_scale_shift(x, num_groups, weight, bias, eps, input_bias)
-    out = affine(x, scale, shift)
-    return out if x.is_cuda and torch.is_autocast_enabled("cuda") else out.to(x.dtype)
-
-
-def group_norm_swish_channels_last(
-    x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float, input_bias: Tensor | None = None
-) -> Tensor:
-    """``swish(group_norm_channels_last(x))`` with the backward of ``scale_shift_swish`` (the
-    gradient's reductions in one pass that writes nothing but the sums). Returned in the autocast
-    dtype under CUDA autocast (what the next convolution casts it to; swish is computed in float32
-    first, as autocast runs the unfused pair), otherwise in x's dtype."""
-    scale, shift = group_norm_scale_shift(x, num_groups, weight, bias, eps, input_bias)
-    autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
-    return scale_shift_swish(x, scale, shift, torch.get_autocast_dtype("cuda") if autocast else x.dtype)
-
-
-class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` (same parameters and state-dict keys), [B, C, *] -> same, that keeps a
-    channels_last [B, C, H, W] input channels_last (``group_norm_channels_last``, affine only);
-    any other input goes to ``F.group_norm``. ``input_bias`` [C]: normalise x plus this per-channel
-    bias (that of the convolution that produced x). ``then_swish``: return ``swish`` of the result
-    (fused with the norm on the channels_last path: ``group_norm_swish_channels_last``)."""
-
-    def forward(self, x: Tensor, input_bias: Tensor | None = None, then_swish: bool = False) -> Tensor:
-        if self.affine and is_channels_last(x):
-            norm = group_norm_swish_channels_last if then_swish else group_norm_channels_last
-            return norm(x, self.num_groups, self.weight, self.bias, self.eps, input_bias)
-        if input_bias is not None:
-            x = x + input_bias.view(-1, *[1] * (x.dim() - 2))
-        out = super().forward(x)
-        return swish(out) if then_swish else out
-
-
-def Normalize(channels: int) -> GroupNorm:
+def Normalize(channels: int) -> nn.GroupNorm:
     """GroupNorm with 32 groups, as in the CompVis code (``channels`` must be a multiple of 32)."""
-    return GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
-
-
-class Conv2dDeferredBias(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters and state-dict keys) whose forward leaves out its bias: the
-    caller adds ``self.bias`` later, where it costs no pass of its own (``GroupNorm``'s
-    ``input_bias``)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
@@ -189,7 +85,7 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
         super().__init__()
         self.norm1 = Normalize(in_channels)
-        self.conv1 = Conv2dDeferredBias(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.norm2 = Normalize(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
@@ -197,10 +93,8 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(self.norm1(x, then_swish=True))
-        # norm2 adds conv1's bias without writing conv1's output plus bias out: one pass less over
-        # the activation (see group_norm_scale_shift).
-        h = self.conv2(self.dropout(self.norm2(h, input_bias=self.conv1.bias, then_swish=True)))
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(self.dropout(swish(self.norm2(h))))
         if hasattr(self, "nin_shortcut"):
             x = self.nin_shortcut(x)
         return x + h
@@ -209,13 +103,7 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions, with a residual: [B, C, H, W] -> same.
 
-    ``softmax(q k^T / sqrt(C)) v`` with two ``bmm`` and a float32 softmax, as autocast runs the
-    CompVis code. Not ``F.scaled_dot_product_attention``: no flash kernel takes a 512-wide head, and
-    the memory-efficient kernel it picks for channels_last activations is ~20x slower in backward
-    than the two bmm (6 ms a call for 32 images of 32x32 on an H100). The explicit float32 cast also
-    keeps inductor from pattern-matching the bmm back into that kernel. The cost is the HW x HW
-    weights kept for backward (float32 and bf16, 6 bytes an entry): ~190 MiB a block for 32 images
-    at 32x32 latents (256 px, f8), 16x that at 512 px.
+    ``softmax(q k^T / sqrt(C)) v`` with two ``bmm``, as the CompVis code computes it.
     """
 
     def __init__(self, channels: int):
@@ -227,14 +115,15 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        x_norm = self.norm(x)
-        # [B, C, H, W] -> [B, HW, C], tokens = spatial positions; for channels_last input it is a view.
-        q, k, v = (proj(x_norm).reshape(b, c, h * w).transpose(1, 2) for proj in (self.q, self.k, self.v))
-        scores = torch.bmm(q, k.transpose(1, 2))
-        weights = torch.softmax(at_least_float32(scores) * c**-0.5, dim=2)
-        out = torch.bmm(weights.to(v.dtype), v)
-        return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
+        h_ = self.norm(x)
+        q, k, v = self.q(h_), self.k(h_), self.v(h_)
+        b, c, h, w = q.shape
+        q = q.reshape(b, c, h * w).permute(0, 2, 1)  # [B, HW, C]
+        k = k.reshape(b, c, h * w)  # [B, C, HW]
+        weights = torch.softmax(torch.bmm(q, k) * c**-0.5, dim=2)  # [B, HW (queries), HW (keys)]
+        v = v.reshape(b, c, h * w)
+        h_ = torch.bmm(v, weights.permute(0, 2, 1))  # [B, C, HW (queries)]
+        return x + self.proj_out(h_.reshape(b, c, h, w))
 
 
 class Downsample(nn.Module):
@@ -249,40 +138,14 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest x2 then conv3x3: [B, C, H, W] -> [B, C, 2H, 2W] (computed by ``upsample_conv3x3``)."""
+    """Nearest x2 then conv3x3: [B, C, H, W] -> [B, C, 2H, 2W]."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return upsample_conv3x3(x, self.conv.weight, self.conv.bias)
-
-
-def upsampled_kernel_taps(weight: Tensor, dim: int) -> Tensor:
-    """The 3 taps (W0, W1, W2) of ``weight`` along ``dim`` -> the 4 taps (W2, W1 + W2, W0 + W1, W0).
-
-    After nearest x2 upsampling, a 3-tap kernel reads input rows (i-1, i, i) at output row 2i and
-    (i, i, i+1) at 2i+1. A stride-2 transposed convolution with padding 1 and a 4-tap kernel K gives
-    x[i-1] K3 + x[i] K1 at row 2i and x[i] K2 + x[i+1] K0 at 2i+1: the same sums for this K.
-    """
-    w0, w1, w2 = weight.unbind(dim)
-    return torch.stack([w2, w1 + w2, w0 + w1, w0], dim=dim)
-
-
-def upsample_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)`` as one
-    stride-2 transposed convolution of x with a 4x4 kernel, in x's memory format.
-
-    [B, C, H, W] -> [B, O, 2H, 2W] for weight [O, C, 3, 3]. Each output pixel sees 2x2 input pixels
-    with sums of the 3x3 taps (``upsampled_kernel_taps`` along rows and columns), so this does 16
-    multiply-adds per input pixel and channel pair instead of 36, and never materialises the
-    upsampled input (in the f8 decoder these convolutions are 28 % of its FLOPs). Same values up to
-    summation order: the taps are summed in the weight's dtype (float32; autocast leaves adds alone).
-    """
-    kernel = upsampled_kernel_taps(upsampled_kernel_taps(weight, 2), 3).transpose(0, 1)  # [C, O, 4, 4]
-    memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-    return F.conv_transpose2d(x, kernel.contiguous(memory_format=memory_format), bias, stride=2, padding=1)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Encoder(nn.Module):
@@ -343,7 +206,11 @@ class Encoder(nn.Module):
             if hasattr(down, "downsample"):
                 h = down.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(self.norm_out(h, then_swish=True))
+        return self.end(h)
+
+    def end(self, h: Tensor) -> Tensor:
+        """The CompVis ``# end``: norm_out -> swish -> conv_out."""
+        return self.conv_out(swish(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -405,7 +272,11 @@ class Decoder(nn.Module):
                     h = up.attn[i](h)
             if hasattr(up, "upsample"):
                 h = up.upsample(h)
-        return self.conv_out(self.norm_out(h, then_swish=True))
+        return self.end(h)
+
+    def end(self, h: Tensor) -> Tensor:
+        """The CompVis ``# end``: norm_out -> swish -> conv_out."""
+        return self.conv_out(swish(self.norm_out(h)))
 
 
 class AutoencoderKL(nn.Module):

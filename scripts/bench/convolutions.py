@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from repae.benchmarking import matmul_tflops, report, time_ms, vae_argument_parser
+from repae.kernels import use_fast_kernels
 from repae.modules.discriminator import NLayerDiscriminator
 from repae.modules.perceptual import LPIPS
 from repae.modules.vae import build_vae
@@ -95,7 +96,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     loss_dtype = torch.bfloat16 if args.loss_networks_bf16 else torch.float32
-    vae = build_vae(args.vae).cuda()
+    vae = use_fast_kernels(build_vae(args.vae)).cuda()
     images = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device="cuda") * 2 - 1
     networks = {
         "vae": vae,

@@ -21,9 +21,11 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
+from torch.nn import GroupNorm
 
 from repae.benchmarking import module_input_shapes, report, time_ms, vae_argument_parser
-from repae.modules.vae import GroupNorm, group_norm_channels_last, group_norm_swish_channels_last, swish
+from repae.kernels.group_norm import group_norm_channels_last, group_norm_swish_channels_last
+from repae.modules.vae import swish
 
 OPTIONS = {"default": {}, "coordinate_descent": {"coordinate_descent_tuning": True}}
 

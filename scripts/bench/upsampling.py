@@ -5,7 +5,7 @@ forward + input and weight gradients, at the shapes the decoder runs them:
 
 - ``upsample_then_conv3x3``: ``interpolate``, then the 3x3 convolution (the model's definition, as
   the official code runs it);
-- ``transposed`` (what ``repae.modules.vae.upsample_conv3x3`` runs): a stride-2 transposed
+- ``transposed`` (what ``repae.kernels.upsample.upsample_conv3x3`` runs): a stride-2 transposed
   convolution with a 4x4 kernel of summed taps, which writes the interleaved output itself.
 
 Random weights, bf16 autocast; each form's largest difference to the first is reported too.
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from repae.benchmarking import module_input_shapes, report, time_ms, vae_argument_parser
-from repae.modules.vae import Upsample, upsample_conv3x3
+from repae.kernels.upsample import upsample_conv3x3
+from repae.modules.vae import Upsample
 
 
 def upsample_then_conv3x3(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:

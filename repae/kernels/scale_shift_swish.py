@@ -5,18 +5,18 @@ writes nothing but the gradient of x.
 Autograd's backward of ``swish(addcmul(shift, x, scale))`` forms ``dz = grad * swish'(z)`` once and
 then reduces it over the H*W positions (the gradients of scale and shift) and multiplies it by the
 scale (the gradient of x). torch.compile writes that float32 ``dz`` out between the two, one write
-and two reads of twice the activation's bf16 size: at 256 x 256, 128 channels, 32 images, the three
-passes take ~1.9 ms on an H100 where reading the gradient and x twice takes ~0.9 ms. Here the
-reduction is one op of its own (on CUDA a Triton kernel) that recomputes ``dz`` from the gradient
-and x as it reads them; the gradient of x recomputes it once more, element-wise, where
-torch.compile fuses it with the rest of the GroupNorm's backward. The XL/2 + f8d4 step runs ~6 %
-faster for it (docs/performance.md).
+and two reads of twice the activation's bf16 size. Here the reduction is one op of its own (on CUDA
+a Triton kernel) that recomputes ``dz`` from the gradient and x as it reads them; the gradient of x
+recomputes it once more, element-wise, where torch.compile fuses it with the rest of the
+GroupNorm's backward. Measured gains: docs/performance.md.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from repae.modules.vae import swish
 
 try:
     import triton
@@ -29,10 +29,6 @@ except ImportError:  # a CPU-only install: the CUDA kernel is never launched
 TILE_ELEMENTS = 4096
 TARGET_PROGRAMS = 1024
 NUM_WARPS = 4
-
-
-def swish(x: Tensor) -> Tensor:
-    return x * torch.sigmoid(x)
 
 
 def swish_derivative(z: Tensor) -> Tensor:
@@ -64,10 +60,9 @@ def scale_shift_swish_grad_sums(grad: Tensor, x: Tensor, scale: Tensor, shift: T
     (the gradients of shift and scale). grad, x: [B, C, H, W]; scale, shift: [B, C] float32.
 
     A ``triton_op`` rather than a ``custom_op``: torch.compile traces into it and launches the kernel
-    from its own generated code. An opaque ``custom_op`` is called through Python at every use,
-    which cost up to 0.75 ms of host time per norm in the micro-benchmark (H100), where the host
-    limits; the training step measures the same with both (docs/performance.md). Without triton (a
-    CPU-only install) torch logs one warning when this op is defined."""
+    from its own generated code, where an opaque ``custom_op`` is called through Python at every use
+    (host time where the host limits). Without triton (a CPU-only install) torch logs one warning
+    when this op is defined."""
     if grad.is_cuda and triton is not None:
         return _grad_sums_triton(grad, x, scale, shift)
     return grad_sums(grad, x, scale, shift)
