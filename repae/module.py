@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor import DTensor
 
+from repae.callbacks.checkpoint import load_weights_only
 from repae.modules.ema import EMAUpdate, make_ema, update_ema
 from repae.modules.encoders import build_encoders
 from repae.modules.losses import call_with_frozen_parameters
@@ -58,7 +59,7 @@ def to_plain(config: Any) -> Any:
 def load_latents_stats(path: str) -> dict[str, torch.Tensor]:
     """Read a ``{vae}-latents-stats.pt`` file: {"latents_scale", "latents_bias"} of [1,C,1,1]."""
     try:
-        stats = torch.load(path, map_location="cpu", weights_only=True)
+        stats = load_weights_only(path, "model.latents_stats_path")
     except FileNotFoundError:
         raise FileNotFoundError(
             f"latents-stats file not found: {path}. Set model.latents_stats_path to the "
