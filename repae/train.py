@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import pickle
 import re
 import sys
 from contextlib import nullcontext
@@ -24,7 +25,7 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from repae.callbacks.checkpoint import verify_checkpoint
+from repae.callbacks.checkpoint import refusal, verify_checkpoint
 from repae.config_checks import check_training_config
 from repae.datamodules.datasets import CorruptSampleError
 from repae.module import to_plain
@@ -143,7 +144,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             write_text_atomically(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         # weights_only=True also when trainer.plugins drops AtomicCheckpointIO: torch lets
         # TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD override only loads that leave it unset.
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except pickle.UnpicklingError as error:  # raised by torch when another CheckpointIO is configured
+            raise refusal(ckpt_path, error) from None
         report_skipped_samples(datamodule)
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
         if trainer.is_global_zero:
@@ -191,7 +195,11 @@ def main(cfg: DictConfig) -> dict[str, float]:
     except Exception as error:
         if disk_full(error):
             last = checkpoint_dir(cfg) / "last.ckpt"
-            kept = f"{last} is intact" if last.is_file() else "no checkpoint was written yet"
+            kept = (
+                f"{last} is intact"
+                if last.is_file()
+                else f"{last} was not written yet (a re-run starts afresh)"
+            )
             message = f"no space left on device ({error}); {kept}: free space and re-run the same command"
         elif (cause := input_error(error)) is not None:
             message = one_line(cause)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -29,16 +30,23 @@ def load_weights_only(path: str | Path, what: str = "checkpoint", map_location: 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        # torch's own message suggests weights_only=False, which would run the file's code.
-        refused = next((line for line in str(error).splitlines() if "GLOBAL" in line), "")
-        raise ValueError(
-            f"{what} {path} holds more than tensors and plain values ({refused.strip() or 'a pickled object'}): "
-            "repae does not write such files and refuses to load it"
-        ) from None
+        raise refusal(path, error, what) from None
     except (RuntimeError, KeyError, EOFError) as error:
         raise ValueError(
             f"{what} {path} is not a readable torch file ({type(error).__name__}: {error})"
         ) from None
+
+
+def refusal(path: str | Path, error: pickle.UnpicklingError, what: str = "checkpoint") -> ValueError:
+    """The error for a file that a weights-only load refused. torch's own message suggests
+    ``weights_only=False``, which would run the file's code."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if found is None:
+        return ValueError(f"{what} {path} is not a readable torch file")
+    return ValueError(
+        f"{what} {path} holds more than tensors and plain values (a reference to {found.group(1)}): repae "
+        "does not write such files and refuses to load it"
+    )
 
 
 def verify_checkpoint(path: str | Path, records: bool = True) -> None:
