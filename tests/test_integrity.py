@@ -342,6 +342,14 @@ def test_atomic_checkpoint_io_never_loads_with_weights_only_false(finished_run):
         AtomicCheckpointIO().load_checkpoint(finished_run / "checkpoints" / "last.ckpt", weights_only=False)
 
 
+def test_a_checkpoint_that_is_not_a_training_checkpoint_is_one_error_line(tiny_config, tmp_path):
+    official = tmp_path / "0400000.pt"
+    torch.save({"model": {"weight": torch.zeros(2)}, "steps": 400000}, official)
+    with pytest.raises(ValueError, match="is not a training checkpoint of repae") as error:
+        train(tiny_config(*QUIET, f"ckpt_path={official}"))
+    assert input_error(error.value) is error.value and "repae.convert from-official" in str(error.value)
+
+
 def flip_a_byte_inside_a_tensor(path: Path) -> None:
     with zipfile.ZipFile(path) as archive:
         record = max(

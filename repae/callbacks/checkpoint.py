@@ -109,7 +109,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise ValueError(f"refusing to load {path} with weights_only=False: it could run code")
         if not Path(path).is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
-        return load_weights_only(path, map_location=map_location or "cpu")
+        checkpoint = load_weights_only(path, map_location=map_location or "cpu")
+        if (
+            not isinstance(checkpoint, dict)
+            or not {"pytorch-lightning_version", "state_dict"} <= checkpoint.keys()
+        ):
+            raise ValueError(
+                f"{path} is not a training checkpoint of repae (no Lightning state_dict); an official "
+                "checkpoint resumes after python -m repae.convert from-official CKPT OUT.ckpt"
+            )
+        return checkpoint
 
 
 class StepCheckpoint(ModelCheckpoint):
