@@ -68,24 +68,27 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     ``resume_skip_checksum``.
     """
     last = checkpoint_dir(cfg) / "last.ckpt"
+    given = Path(cfg.ckpt_path) if cfg.ckpt_path else None
+    if given is not None:  # a wrong argument is an error even where last.ckpt overrides it
+        if not given.is_file():
+            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
+        verify_checkpoint(given, records=False)
     if last.is_file():
         if not cfg.resume:
             raise RunDirectoryError(
                 f"{last} exists and resume=false would train over it: delete the run directory's checkpoints "
                 "to start afresh, or give this run another run_name"
             )
-        if cfg.ckpt_path:
+        if given is not None:
             log.info(
                 "ckpt_path=%s is ignored: %s is this run's newest state (ckpt_path only starts a run "
                 "directory that has no last.ckpt)",
-                cfg.ckpt_path,
+                given,
                 last,
             )
         path = last
-    elif cfg.ckpt_path:
-        path = Path(cfg.ckpt_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
+    elif given is not None:
+        path = given
     else:
         return None
     if cfg.resume_skip_checksum:
