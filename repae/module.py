@@ -34,6 +34,7 @@ import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.distributed.tensor import DTensor
 
+from repae.callbacks.checkpoint import load_weights_only
 from repae.config import build_model, to_plain
 from repae.kernels import use_fast_kernels
 from repae.modules.ema import EMAUpdate, make_ema, update_ema
@@ -49,7 +50,7 @@ MODES = ("e2e", "ldm_only")
 def load_latents_stats(path: str) -> dict[str, torch.Tensor]:
     """Read a ``{vae}-latents-stats.pt`` file: {"latents_scale", "latents_bias"} of [1,C,1,1]."""
     try:
-        stats = torch.load(path, map_location="cpu", weights_only=True)
+        stats = load_weights_only(path, "model.latents_stats_path")
     except FileNotFoundError:
         raise FileNotFoundError(
             f"latents-stats file not found: {path}. Set model.latents_stats_path to the "

@@ -203,6 +203,11 @@ def preprocess(
         with h5py.File(path, "r") as f:
             labels.extend(int(label) for label in f["labels"][()])
             skipped.extend(json.loads(f["skipped"].asstr()[()]))
+    if not labels:
+        raise ValueError(
+            f"none of the {num_files} image files under {input_dir} could be read, e.g. {skipped[0]['file']}: "
+            f"{skipped[0]['error']}"
+        )
     num_written = write_h5_encoded_images(out_dir, _shard_pngs(shard_paths), labels)
     report = {**settings, "num_written": num_written, "num_skipped": len(skipped), "skipped": skipped}
     (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=1))
@@ -218,17 +223,21 @@ def preprocess(
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="preprocess")
 def main(cfg: DictConfig) -> None:
-    preprocess(
-        input_dir=cfg.input_dir,
-        output_dir=cfg.output_dir,
-        resolution=cfg.resolution,
-        num_workers=cfg.num_workers,
-        max_images=cfg.max_images,
-        shard_size=cfg.shard_size,
-        work_dir=cfg.work_dir,
-        keep_work_dir=cfg.keep_work_dir,
-        progress=cfg.progress,
-    )
+    try:
+        preprocess(
+            input_dir=cfg.input_dir,
+            output_dir=cfg.output_dir,
+            resolution=cfg.resolution,
+            num_workers=cfg.num_workers,
+            max_images=cfg.max_images,
+            shard_size=cfg.shard_size,
+            work_dir=cfg.work_dir,
+            keep_work_dir=cfg.keep_work_dir,
+            progress=cfg.progress,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        log.error("%s", error)
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

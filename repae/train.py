@@ -10,9 +10,10 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import pickle
 import re
 import sys
-import zipfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -24,16 +25,25 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from repae.callbacks.checkpoint import refusal, verify_checkpoint
 from repae.config import to_plain
+from repae.config_checks import check_training_config
 from repae.datamodules.datasets import CorruptSampleError
 from repae.known_noise import silence_known_noise
+from repae.run_directory import (
+    RunDirectoryError,
+    RunLock,
+    check_writable,
+    remove_stale_temporaries,
+    write_text_atomically,
+)
 from repae.sweep import FINAL_METRICS_FILE
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 # Errors that mean "the input is wrong", reported as one message instead of a traceback.
-INPUT_ERRORS = (FileNotFoundError, ValueError, CorruptSampleError, FloatingPointError)
+INPUT_ERRORS = (FileNotFoundError, ValueError, CorruptSampleError, FloatingPointError, RunDirectoryError)
 
 
 def instantiate_dict(config: DictConfig | None) -> list:
@@ -44,18 +54,58 @@ def instantiate_dict(config: DictConfig | None) -> list:
     ]
 
 
+def checkpoint_dir(cfg: DictConfig) -> Path:
+    """Where the run's checkpoints go (``callbacks.checkpoint.dirpath``, ``<run dir>/checkpoints``)."""
+    dirpath = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath", default=None)
+    return Path(dirpath) if dirpath else Path(cfg.paths.output_dir) / "checkpoints"
+
+
 def resume_checkpoint(cfg: DictConfig) -> str | None:
-    """The checkpoint to resume from: ``ckpt_path`` if given, else the run's ``last.ckpt`` if any."""
-    if cfg.ckpt_path:
-        if not Path(cfg.ckpt_path).is_file():
+    """The checkpoint to start from: the run's ``last.ckpt`` if it has one (always its newest state),
+    else ``ckpt_path`` if given, else none. So re-running a command with ``ckpt_path`` (a requeued
+    job, the command ``convert from-official`` prints) continues the run instead of restarting it.
+
+    Every record of the file is checked against its stored CRC-32 first, unless
+    ``resume_skip_checksum``.
+    """
+    last = checkpoint_dir(cfg) / "last.ckpt"
+    given = Path(cfg.ckpt_path) if cfg.ckpt_path else None
+    if given is not None:  # a wrong argument is an error even where last.ckpt overrides it
+        if not given.is_file():
             raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
-        path = Path(cfg.ckpt_path)
+        verify_checkpoint(given, records=False)
+    if last.is_file():
+        if not cfg.resume:
+            raise RunDirectoryError(
+                f"{last} exists and resume=false would train over it: delete the run directory's checkpoints "
+                "to start afresh, or give this run another run_name"
+            )
+        if given is not None:
+            log.info(
+                "ckpt_path=%s is ignored: %s is this run's newest state (ckpt_path only starts a run "
+                "directory that has no last.ckpt)",
+                given,
+                last,
+            )
+        path = last
+    elif given is not None:
+        path = given
     else:
-        path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-        if not (cfg.resume and path.is_file()):
-            return None
-    check_readable_checkpoint(path)
+        return None
+    if cfg.resume_skip_checksum:
+        log.warning("resume_skip_checksum=true: loading %s without checking its records", path)
+    verify_checkpoint(path, records=not cfg.resume_skip_checksum)
     return str(path)
+
+
+def prepare_run_directory(cfg: DictConfig) -> None:
+    """Rank 0, with the run directory locked: fail now if the checkpoints cannot be written, and
+    delete the temporary files of writes that a killed process left."""
+    check_writable(cfg.paths.output_dir, "paths.log_dir")
+    check_writable(checkpoint_dir(cfg), "callbacks.checkpoint.dirpath")
+    for folder in (Path(cfg.paths.output_dir), checkpoint_dir(cfg)):
+        for stale in remove_stale_temporaries(folder):
+            log.info("removed %s, left by an interrupted write", stale)
 
 
 def check_latent_cache(dataset, model, cfg: DictConfig) -> None:
@@ -73,41 +123,49 @@ def check_latent_cache(dataset, model, cfg: DictConfig) -> None:
         )
 
 
-def check_readable_checkpoint(path: Path) -> None:
-    """A torch checkpoint is a zip archive; a truncated one has no readable central directory."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            archive.namelist()
-    except (zipfile.BadZipFile, OSError) as error:
-        raise ValueError(
-            f"checkpoint {path} is truncated or not a torch checkpoint ({error}). Delete it to start "
-            "afresh, or set ckpt_path to an earlier checkpoint in the same folder."
-        ) from None
-
-
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit one run; returns the final logged metrics (used by multirun summaries)."""
+    check_training_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.allow_tf32)
-    datamodule = instantiate(cfg.data)
-    model = instantiate(to_plain(cfg.model), _recursive_=False)
-    check_latent_cache(datamodule.dataset, model, cfg)
-    ckpt_path = resume_checkpoint(cfg)
-    if ckpt_path is None:
-        model.load_pretrained()
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         callbacks=instantiate_dict(cfg.callbacks),
         logger=instantiate_dict(cfg.get("logger")) or False,
     )
-    if trainer.is_global_zero:
-        Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, Path(cfg.paths.output_dir) / "config.yaml", resolve=True)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
-    if trainer.is_global_zero:
-        (Path(cfg.paths.output_dir) / FINAL_METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    output_dir = Path(cfg.paths.output_dir)
+    # Rank 0 holds the lock for the whole run; the other ranks of the run write no run files.
+    with RunLock(output_dir) if trainer.is_global_zero else nullcontext():
+        if trainer.is_global_zero:
+            prepare_run_directory(cfg)
+        datamodule = instantiate(cfg.data)
+        model = instantiate(to_plain(cfg.model), _recursive_=False)
+        check_latent_cache(datamodule.dataset, model, cfg)
+        ckpt_path = resume_checkpoint(cfg)
+        if ckpt_path is None:
+            model.load_pretrained()
+        if trainer.is_global_zero:
+            write_text_atomically(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        # weights_only=True also when trainer.plugins drops AtomicCheckpointIO: torch lets
+        # TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD override only loads that leave it unset.
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except pickle.UnpicklingError as error:  # raised by torch when another CheckpointIO is configured
+            raise refusal(ckpt_path, error) from None
+        report_skipped_samples(datamodule)
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
+        if trainer.is_global_zero:
+            write_text_atomically(output_dir / FINAL_METRICS_FILE, json.dumps(metrics, indent=2))
     return metrics
+
+
+def report_skipped_samples(datamodule) -> None:
+    """With ``data.on_corrupt=skip``: every unreadable sample the run replaced, at the end of the log."""
+    skipped = getattr(datamodule, "skipped", None)
+    if skipped:
+        log.warning("data.on_corrupt=skip replaced %d unreadable samples:", len(skipped))
+        for message in skipped:
+            log.warning("  %s", message)
 
 
 def disk_full(error: BaseException | None) -> bool:
@@ -141,11 +199,13 @@ def main(cfg: DictConfig) -> dict[str, float]:
         return train(cfg)
     except Exception as error:
         if disk_full(error):
-            last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-            message = (
-                f"no space left on device while checkpointing ({error}); {last} is intact: "
-                "free space and re-run the same command"
+            last = checkpoint_dir(cfg) / "last.ckpt"
+            kept = (
+                f"{last} is intact"
+                if last.is_file()
+                else f"{last} was not written yet (a re-run starts afresh)"
             )
+            message = f"no space left on device ({error}); {kept}: free space and re-run the same command"
         elif (cause := input_error(error)) is not None:
             message = one_line(cause)
         else:

@@ -22,6 +22,13 @@ Faults are patched into the child only (production code has no test hooks):
   raises ``OSError(ENOSPC)`` (a full disk) or the process SIGKILLs itself. The probe JSON records
   the sha256 of ``file`` before the save and the paths opened for writing.
 - ``{"kind": "nan_vae_loss", "from_step": s}``: the VAE loss is NaN in every step from ``s`` on.
+- ``{"kind": "hold_after_step", "step": s, "ready": path, "release": path}``: after step ``s``,
+  create ``ready`` and wait (up to 5 minutes) until ``release`` exists.
+- ``{"kind": "wait_for_file", "path": p}``: start only once ``p`` exists (up to 5 minutes).
+- ``{"kind": "touch_at_exit", "path": p}``: create ``p`` when the process exits.
+- ``{"kind": "rename", "source": a, "target": b}``: move ``a`` to ``b`` before the run starts.
+- ``{"kind": "read_only", "path": d}``: opening a file for writing or making a folder under ``d``
+  fails with ``EACCES``, as in a read-only folder (``chmod`` does not bind root).
 
 Results, by case name: ``{"exitcode", "signal", "stdout", "stderr", "watched"}`` (``signal`` is set
 when the child was killed by one, ``exitcode`` otherwise).
@@ -29,16 +36,19 @@ when the child was killed by one, ``exitcode`` otherwise).
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import errno
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import runpy
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import hydra  # noqa: F401  (imported before forking, so that no run pays for it)
@@ -131,10 +141,68 @@ def nan_vae_loss(from_step: int) -> None:
     VAERegularizationLoss.forward = forward
 
 
+def wait_for(path: str) -> None:
+    deadline = time.monotonic() + 300
+    while not Path(path).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def hold_after_step(step: int, ready: str, release: str) -> None:
+    original = REPAE._step_if_finite
+
+    def step_then_hold(self, *args, **kwargs):
+        taken = original(self, *args, **kwargs)
+        if self.step + 1 == step:
+            Path(ready).touch()
+            wait_for(release)
+        return taken
+
+    REPAE._step_if_finite = step_then_hold
+
+
+def touch_at_exit(path: str) -> None:
+    atexit.register(Path(path).touch)
+
+
+def rename(source: str, target: str) -> None:
+    os.rename(source, target)
+
+
+def read_only(path: str) -> None:
+    folder, original_open, original_os_open, original_mkdir = Path(path), builtins.open, os.open, os.mkdir
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+    def refuse(target) -> None:
+        if not isinstance(target, int) and (folder == Path(target) or folder in Path(target).parents):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
+
+    def checked_open(target, mode="r", *args, **kwargs):
+        if set(mode) & set("wax+"):
+            refuse(target)
+        return original_open(target, mode, *args, **kwargs)
+
+    def checked_os_open(target, flags, *args, **kwargs):
+        if flags & writing:
+            refuse(target)
+        return original_os_open(target, flags, *args, **kwargs)
+
+    def checked_mkdir(target, *args, **kwargs):
+        refuse(target)
+        return original_mkdir(target, *args, **kwargs)
+
+    builtins.open = io.open = checked_open  # pathlib opens through io.open
+    os.open, os.mkdir = checked_os_open, checked_mkdir
+
+
 FAULTS = {
     "kill_after_optimizer_step": kill_after_optimizer_step,
     "fail_checkpoint_write": fail_checkpoint_write,
     "nan_vae_loss": nan_vae_loss,
+    "hold_after_step": hold_after_step,
+    "wait_for_file": wait_for,
+    "touch_at_exit": touch_at_exit,
+    "rename": rename,
+    "read_only": read_only,
 }
 
 

@@ -1,8 +1,12 @@
-"""Checkpointing keyed on repae's step counter (one batch = one step)."""
+"""Checkpointing keyed on repae's step counter (one batch = one step), saved atomically and loaded
+safely."""
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -10,14 +14,76 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.utils.serialization import config as serialization_config
+
+from repae.run_directory import temporary_path
+
+
+def load_weights_only(path: str | Path, what: str = "checkpoint", map_location: Any = "cpu") -> Any:
+    """``torch.load`` restricted to tensors and plain values, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+    says (torch lets that variable override only calls that leave ``weights_only`` unset).
+
+    A file that holds anything else (a pickled object, a function reference) or is no torch file
+    raises one ``ValueError`` naming ``what`` and ``path``; repae never writes such files, so there is
+    nothing to allow.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise refusal(path, error, what) from None
+    except (RuntimeError, KeyError, EOFError) as error:
+        raise ValueError(
+            f"{what} {path} is not a readable torch file ({type(error).__name__}: {error})"
+        ) from None
+
+
+def refusal(path: str | Path, error: pickle.UnpicklingError, what: str = "checkpoint") -> ValueError:
+    """The error for a file that a weights-only load refused. torch's own message suggests
+    ``weights_only=False``, which would run the file's code."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if found is None:
+        return ValueError(f"{what} {path} is not a readable torch file")
+    return ValueError(
+        f"{what} {path} holds more than tensors and plain values (a reference to {found.group(1)}): repae "
+        "does not write such files and refuses to load it"
+    )
+
+
+def verify_checkpoint(path: str | Path, records: bool = True) -> None:
+    """Check that the checkpoint is complete and (``records``) every record matches the CRC-32 that
+    ``torch.save`` stored for it.
+
+    A torch checkpoint is a zip archive with one record per tensor storage; a truncated file has no
+    readable central directory, and a flipped byte makes its record's CRC differ. ``torch.load``
+    checks neither. Checking the records reads the whole file once.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip() if records else None
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise ValueError(
+            f"checkpoint {path} is truncated or not a torch checkpoint ({error}). Delete it to start "
+            "afresh, or set ckpt_path to an earlier checkpoint in the same folder."
+        ) from None
+    if bad is not None:
+        raise ValueError(
+            f"checkpoint {path} is corrupt: record {bad} does not match its stored checksum. Resume from "
+            "the previous step file instead (ckpt_path=<run>/checkpoints/<step>.ckpt after moving this one "
+            "away), or force-load it with resume_skip_checksum=true"
+        )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint to a temporary file next to it, fsync, then rename over the old one.
+    """Write each checkpoint to a temporary file next to it, fsync, then rename over the old one;
+    load only tensors and plain values.
 
     A kill or a full disk at any point leaves the previous checkpoint complete. Lightning's own
     save writes the temporary file to ``$TMPDIR`` and moves it, which across filesystems (a local
-    /tmp, a shared log directory) is a copy that can be interrupted halfway.
+    /tmp, a shared log directory) is a copy that can be interrupted halfway. Every record carries
+    its CRC-32 (``verify_checkpoint`` checks them on resume).
+
+    Loading always passes ``weights_only=True`` (``load_weights_only``): a checkpoint cannot run
+    code, whatever the caller or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` asks for.
     """
 
     def save_checkpoint(
@@ -25,9 +91,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        temporary = temporary_path(path)
         try:
-            with open(temporary, "wb") as f:
+            with open(temporary, "wb") as f, serialization_config.patch({"save.compute_crc32": True}):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
@@ -35,6 +101,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if weights_only is False:
+            raise ValueError(f"refusing to load {path} with weights_only=False: it could run code")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        checkpoint = load_weights_only(path, map_location=map_location or "cpu")
+        if (
+            not isinstance(checkpoint, dict)
+            or not {"pytorch-lightning_version", "state_dict"} <= checkpoint.keys()
+        ):
+            raise ValueError(
+                f"{path} is not a training checkpoint of repae (no Lightning state_dict); an official "
+                "checkpoint resumes after python -m repae.convert from-official CKPT OUT.ckpt"
+            )
+        return checkpoint
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -45,6 +129,10 @@ class StepCheckpoint(ModelCheckpoint):
     the repae step too. ``last.ckpt`` is written with every save and after the final step; with
     ``save_official`` an official-layout ``{step:07d}.pt`` is written too (``convert.official_checkpoint``).
 
+    A save overwrites a file of the same name (``enable_version_counter=False``): a run directory
+    holds one ``last.ckpt``, the newest state, and no ``-v1`` copies, also when it was moved or
+    reached by another path (Lightning then forgets ``last_model_path`` and would version-bump).
+
     The final step is saved from ``on_train_batch_end``, not ``on_train_end``: by then Lightning
     has closed the epoch, and a run resumed from such a checkpoint (say, to train longer) would
     start a new epoch with a new data order instead of continuing the interrupted one.
@@ -53,7 +141,13 @@ class StepCheckpoint(ModelCheckpoint):
     def __init__(self, every_n_steps: int, save_official: bool = False, **kwargs: Any):
         if every_n_steps <= 0:
             raise ValueError(f"every_n_steps must be positive, got {every_n_steps}")
-        super().__init__(every_n_train_steps=0, every_n_epochs=0, save_on_train_epoch_end=False, **kwargs)
+        super().__init__(
+            every_n_train_steps=0,
+            every_n_epochs=0,
+            save_on_train_epoch_end=False,
+            enable_version_counter=False,
+            **kwargs,
+        )
         self.every_n_steps = every_n_steps
         self.save_official = save_official
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Sized
 from typing import Any
@@ -10,6 +11,13 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from repae.datamodules.datasets import CorruptSampleError
+
+log = logging.getLogger(__name__)
+ON_CORRUPT = ("error", "skip")
+# Key of the message a replaced sample carries through the DataLoader (SkipCorrupt); "" when none.
+REPLACED = "replaced"
 
 
 class ResumableDistributedSampler(Sampler[int]):
@@ -105,6 +113,31 @@ class ResumableDistributedSampler(Sampler[int]):
         return self.num_samples
 
 
+class SkipCorrupt(Dataset):
+    """``dataset`` with each unreadable sample replaced by the next readable one (wrapping around).
+
+    The replacement depends only on the index, so every run, and a resumed one, sees the same
+    batches. Each sample gets a ``"replaced"`` entry: ``""``, or the error that named the
+    unreadable file (the default collate gathers these strings into a list per batch, so the
+    main process learns of samples skipped inside DataLoader workers).
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        replaced = ""
+        for offset in range(len(self.dataset)):
+            try:
+                return {**self.dataset[(index + offset) % len(self.dataset)], REPLACED: replaced}
+            except CorruptSampleError as error:
+                replaced = replaced or str(error)
+        raise CorruptSampleError(f"none of the {len(self.dataset)} samples can be read, e.g. {replaced}")
+
+
 class ImageDataModule(L.LightningDataModule):
     """Training data for any dataset returning ``{"image", "label"[, "latent"]}`` dicts.
 
@@ -122,6 +155,10 @@ class ImageDataModule(L.LightningDataModule):
     Counting relies on this class's ``on_after_batch_transfer``: a LightningModule that also
     overrides that hook is ignored by Lightning in favour of the datamodule's.
 
+    An unreadable sample stops the run (``on_corrupt="error"``) or is replaced (``"skip"``, see
+    ``SkipCorrupt``); ``skipped`` lists the replaced ones, each logged once when first met, and is
+    saved in checkpoints so that the report at the end of a resumed run is complete.
+
     Args:
         dataset: a map-style dataset returning the sample dict.
         batch_size: global batch size, divisible by the number of devices.
@@ -131,6 +168,7 @@ class ImageDataModule(L.LightningDataModule):
         drop_last: drop the last incomplete batch (and the samples that do not divide across ranks).
         persistent_workers: keep workers alive between epochs; ``None`` = ``num_workers > 0``.
             Persistent workers keep the RNG seeds of the epoch they were started in.
+        on_corrupt: ``"error"`` or ``"skip"`` (``data.on_corrupt``).
     """
 
     def __init__(
@@ -142,8 +180,11 @@ class ImageDataModule(L.LightningDataModule):
         seed: int = 0,
         drop_last: bool = True,
         persistent_workers: bool | None = None,
+        on_corrupt: str = "error",
     ):
         super().__init__()
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"data.on_corrupt must be one of {', '.join(ON_CORRUPT)}, got {on_corrupt!r}")
         self.dataset = dataset
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -152,6 +193,8 @@ class ImageDataModule(L.LightningDataModule):
         self.drop_last = drop_last
         self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
         self.batch_size_per_device: int | None = None
+        self.on_corrupt = on_corrupt
+        self.skipped: list[str] = []
         self.epoch = 0
         self.batches_consumed = 0
 
@@ -169,6 +212,14 @@ class ImageDataModule(L.LightningDataModule):
                 f"the number of devices ({world_size})"
             )
         self.batch_size_per_device = self.batch_size // world_size
+        per_rank = (
+            len(self.dataset) // world_size if self.drop_last else math.ceil(len(self.dataset) / world_size)
+        )
+        if per_rank < (self.batch_size_per_device if self.drop_last else 1):
+            raise ValueError(
+                f"the dataset has {len(self.dataset)} samples, fewer than one batch (data.batch_size="
+                f"{self.batch_size} over {world_size} devices): a run would train nothing"
+            )
 
     def train_dataloader(self) -> DataLoader:
         if self.batch_size_per_device is None:
@@ -185,7 +236,7 @@ class ImageDataModule(L.LightningDataModule):
             start_batch=self.batches_consumed,
         )
         return DataLoader(
-            self.dataset,
+            SkipCorrupt(self.dataset) if self.on_corrupt == "skip" else self.dataset,
             batch_size=self.batch_size_per_device,
             sampler=sampler,
             num_workers=self.num_workers,
@@ -194,6 +245,14 @@ class ImageDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             generator=sampler.worker_seed_generator,
         )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and REPLACED in batch:
+            for message in batch.pop(REPLACED):
+                if message and message not in self.skipped:
+                    log.warning("data.on_corrupt=skip: replaced a sample: %s", message)
+                    self.skipped.append(message)
+        return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Called once per batch right before training_step, so it counts consumed batches (batches
@@ -205,9 +264,13 @@ class ImageDataModule(L.LightningDataModule):
             self.batches_consumed += 1
         return batch
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed}
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"epoch": self.epoch, "batches_consumed": self.batches_consumed}
+        if self.skipped:  # only then, so checkpoints of clean data keep their two entries
+            state["skipped"] = list(self.skipped)
+        return state
 
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch = state_dict["epoch"]
         self.batches_consumed = state_dict["batches_consumed"]
+        self.skipped = list(state_dict.get("skipped", []))

@@ -1,0 +1,82 @@
+"""Types and ranges of the documented training keys, checked once before a run starts.
+
+A wrong value (``model.proj_coeff=abc``, ``model.max_train_steps=2.5``) would otherwise surface as a
+traceback deep in the first step, or as a run that does nothing and exits 0. ``check_training_config``
+raises one ``ConfigValueError`` naming the key; a key the config does not have (``model.loss`` is
+null in LDM-only runs, a callback switched off) is not checked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigValueError(ValueError):
+    """A config value of the wrong type or out of range; the message names the key."""
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+# key -> (kind, range test on the value, the range in words)
+INTEGER, NUMBER, BOOLEAN = "an integer", "a number", "true or false"
+CHECKS: dict[str, tuple[str, Callable[[Any], bool], str]] = {
+    "seed": (INTEGER, lambda v: v >= 0, ">= 0"),
+    "resume": (BOOLEAN, lambda v: True, ""),
+    "resume_skip_checksum": (BOOLEAN, lambda v: True, ""),
+    "model.max_train_steps": (INTEGER, lambda v: v > 0, "> 0"),
+    "model.ema_decay": (NUMBER, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "model.proj_coeff": (NUMBER, lambda v: v >= 0, ">= 0"),
+    "model.vae_align_proj_coeff": (NUMBER, lambda v: v >= 0, ">= 0"),
+    "model.max_grad_norm": (NUMBER, lambda v: v > 0, "> 0"),
+    "model.max_consecutive_nonfinite": (INTEGER, lambda v: v > 0, "> 0"),
+    "model.optimizer.learning_rate": (NUMBER, lambda v: v >= 0, ">= 0"),
+    "model.optimizer.vae_learning_rate": (NUMBER, lambda v: v >= 0, ">= 0"),
+    "model.optimizer.disc_learning_rate": (NUMBER, lambda v: v >= 0, ">= 0"),
+    "model.optimizer.adam_beta1": (NUMBER, lambda v: 0 <= v < 1, "in [0, 1)"),
+    "model.optimizer.adam_beta2": (NUMBER, lambda v: 0 <= v < 1, "in [0, 1)"),
+    "model.optimizer.adam_weight_decay": (NUMBER, lambda v: v >= 0, ">= 0"),
+    "model.optimizer.adam_epsilon": (NUMBER, lambda v: v > 0, "> 0"),
+    "model.loss.discriminator_start": (INTEGER, lambda v: v >= 0, ">= 0"),
+    "model.loss.kl_weight": (NUMBER, lambda v: v >= 0, ">= 0"),
+    "model.loss.perceptual_weight": (NUMBER, lambda v: v >= 0, ">= 0"),
+    "model.loss.reconstruction_weight": (NUMBER, lambda v: v >= 0, ">= 0"),
+    "model.loss.discriminator_weight": (NUMBER, lambda v: v >= 0, ">= 0"),
+    "model.sit.class_dropout_prob": (NUMBER, lambda v: 0 <= v < 1, "in [0, 1)"),
+    "data.batch_size": (INTEGER, lambda v: v > 0, "> 0"),
+    "data.num_workers": (INTEGER, lambda v: v >= 0, ">= 0"),
+    "callbacks.checkpoint.every_n_steps": (INTEGER, lambda v: v > 0, "> 0"),
+    "callbacks.image_grid.every_n_steps": (INTEGER, lambda v: v > 0, "> 0"),
+    "callbacks.loss_curve.every_n_steps": (INTEGER, lambda v: v > 0, "> 0"),
+    "trainer.log_every_n_steps": (INTEGER, lambda v: v > 0, "> 0"),
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.mode": ("e2e", "ldm_only"),
+    "data.on_corrupt": ("error", "skip"),
+}
+KIND_TESTS = {INTEGER: _integer, NUMBER: _number, BOOLEAN: lambda v: isinstance(v, bool)}
+
+
+def check_training_config(cfg: DictConfig) -> None:
+    """Raise ``ConfigValueError`` for the first documented key of the wrong type or out of range."""
+    for key, (kind, in_range, words) in CHECKS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        if not KIND_TESTS[kind](value):
+            raise ConfigValueError(f"{key} must be {kind}, got {value!r}")
+        if not in_range(value):
+            raise ConfigValueError(f"{key} must be {words}, got {value!r}")
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value not in choices:
+            raise ConfigValueError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
