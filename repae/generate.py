@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from repae.config import build_model
+from repae.convert.checkpoints import SAFE_GLOBALS
 from repae.convert.official import official_config
 from repae.evaluate import npz_images_shape
 from repae.known_noise import silence_known_noise
@@ -61,6 +62,7 @@ from repae.modules.samplers import generate_images
 from repae.modules.sit import build_sit, projector_dims
 from repae.modules.state_dict import check_state_dict, sub_state_dict
 from repae.modules.vae import build_vae, load_checked_state_dict
+from repae.safe_load import load_weights_only
 
 LABEL_SAMPLINGS = ("equal", "random")
 VAE_WEIGHTS_CONFIG_KEY = "vae_weights_path"
@@ -196,8 +198,7 @@ def load_sampling_model(
         raise FileNotFoundError(
             f"Checkpoint not found: {ckpt_path!r}. Set `ckpt_path` to a repae .ckpt or an official .pt file."
         )
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = load_weights_only(ckpt_path, "ckpt_path", allowed_globals=SAFE_GLOBALS, mmap=True)
     if "state_dict" in checkpoint and "hyper_parameters" in checkpoint:
         return _from_lightning_checkpoint(checkpoint, ckpt_path, use_ema)
     if "ema" in checkpoint:

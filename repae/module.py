@@ -34,7 +34,6 @@ import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.distributed.tensor import DTensor
 
-from repae.callbacks.checkpoint import load_weights_only
 from repae.config import build_model, to_plain
 from repae.kernels import use_fast_kernels
 from repae.modules.ema import EMAUpdate, make_ema, update_ema
@@ -43,6 +42,7 @@ from repae.modules.losses import call_with_frozen_parameters
 from repae.modules.samplers import generate_images
 from repae.modules.state_dict import check_state_dict
 from repae.modules.vae import DiagonalGaussianDistribution, images_to_vae_input, load_vae_weights
+from repae.safe_load import load_weights_only
 
 MODES = ("e2e", "ldm_only")
 

@@ -25,7 +25,7 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from repae.callbacks.checkpoint import refusal, verify_checkpoint
+from repae.callbacks.checkpoint import verify_checkpoint
 from repae.config import to_plain
 from repae.config_checks import check_training_config
 from repae.datamodules.datasets import CorruptSampleError
@@ -37,6 +37,7 @@ from repae.run_directory import (
     remove_stale_temporaries,
     write_text_atomically,
 )
+from repae.safe_load import refusal
 from repae.sweep import FINAL_METRICS_FILE
 
 log = logging.getLogger(__name__)

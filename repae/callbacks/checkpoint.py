@@ -4,8 +4,6 @@ safely."""
 from __future__ import annotations
 
 import os
-import pickle
-import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -17,36 +15,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.serialization import config as serialization_config
 
 from repae.run_directory import temporary_path
-
-
-def load_weights_only(path: str | Path, what: str = "checkpoint", map_location: Any = "cpu") -> Any:
-    """``torch.load`` restricted to tensors and plain values, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
-    says (torch lets that variable override only calls that leave ``weights_only`` unset).
-
-    A file that holds anything else (a pickled object, a function reference) or is no torch file
-    raises one ``ValueError`` naming ``what`` and ``path``; repae never writes such files, so there is
-    nothing to allow.
-    """
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise refusal(path, error, what) from None
-    except (RuntimeError, KeyError, EOFError) as error:
-        raise ValueError(
-            f"{what} {path} is not a readable torch file ({type(error).__name__}: {error})"
-        ) from None
-
-
-def refusal(path: str | Path, error: pickle.UnpicklingError, what: str = "checkpoint") -> ValueError:
-    """The error for a file that a weights-only load refused. torch's own message suggests
-    ``weights_only=False``, which would run the file's code."""
-    found = re.search(r"GLOBAL ([\w.]+)", str(error))
-    if found is None:
-        return ValueError(f"{what} {path} is not a readable torch file")
-    return ValueError(
-        f"{what} {path} holds more than tensors and plain values (a reference to {found.group(1)}): repae "
-        "does not write such files and refuses to load it"
-    )
+from repae.safe_load import load_weights_only
 
 
 def verify_checkpoint(path: str | Path, records: bool = True) -> None:

@@ -8,8 +8,6 @@ allow-list: any other pickled object is refused, never constructed.
 from __future__ import annotations
 
 import argparse
-import pickle
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from torch import Tensor
 
 from repae.modules.sit import latents_stats_from_bn
 from repae.modules.state_dict import sub_state_dict
+from repae.safe_load import load_weights_only
 
 # The only non-tensor, non-container type an official checkpoint pickles (its "args").
 SAFE_GLOBALS = [argparse.Namespace]
@@ -33,23 +32,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ValueError: the file pickles an object outside the allow-list (tensors, containers,
             primitive types, ``argparse.Namespace``), or is not a torch file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL (\S+)", str(error))
-        what = found.group(1) if found else "an object"
-        raise ValueError(
-            f"Refusing to load {str(path)!r}: it pickles {what}, which is not on repae's allow-list (tensors, "
-            "dicts, lists, numbers, strings and argparse.Namespace). Unpickling arbitrary objects can run "
-            "arbitrary code, so repae never does it. If you trust the file, load it yourself and re-save "
-            "its tensors and plain values."
-        ) from None
-    except (RuntimeError, EOFError) as error:
-        raise ValueError(f"Could not read {str(path)!r} as a torch checkpoint: {error}") from None
+    checkpoint = load_weights_only(path, "checkpoint", allowed_globals=SAFE_GLOBALS)
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{str(path)!r} holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return dict(checkpoint)

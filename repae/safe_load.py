@@ -1,0 +1,56 @@
+"""Reading torch files that may come from someone else: tensors and plain values only.
+
+Every ``torch.load`` in repae goes through :func:`load_weights_only`. It passes ``weights_only=True``
+explicitly, because torch lets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` override only the loads that leave
+it unset, and it never advises ``weights_only=False`` (that would run the file's code).
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def load_weights_only(
+    path: str | Path,
+    what: str = "checkpoint",
+    map_location: Any = "cpu",
+    allowed_globals: Iterable[type] = (),
+    mmap: bool = False,
+) -> Any:
+    """``torch.load`` of tensors, containers, numbers and strings, plus ``allowed_globals`` (the
+    official checkpoints pickle an ``argparse.Namespace``).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ValueError: the file pickles anything else (a function or class reference), or is no torch
+            file; the message names ``what`` (the config key or role of the file) and ``path``.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist or is not a file")
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        raise refusal(path, error, what) from None
+    except (RuntimeError, KeyError, EOFError) as error:
+        raise ValueError(
+            f"{what} {path} is not a readable torch file ({type(error).__name__}: {error})"
+        ) from None
+
+
+def refusal(path: str | Path, error: pickle.UnpicklingError, what: str = "checkpoint") -> ValueError:
+    """The error for a file that a weights-only load refused (torch's own message suggests
+    ``weights_only=False``)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if found is None:
+        return ValueError(f"{what} {path} is not a readable torch file")
+    return ValueError(
+        f"{what} {path} holds more than tensors and plain values (a reference to {found.group(1)}, which is "
+        "not on repae's allow-list): repae does not write such files and refuses to load it"
+    )
