@@ -11,7 +11,8 @@ One training step (end-to-end mode, reference §7.2):
      SiT in train mode;
   6. each loss is backpropagated into its own parameter set as soon as it is formed (so only one
      pass's activations are alive at a time), gradients are clipped per set, and the three AdamW
-     steps run at the end, only if every gradient is finite; then the EMA is updated.
+     steps run at the end, only if every gradient is finite; then the EMA is updated
+     (``repae.optim_step.JointStep``).
 
 The official code steps each optimizer right after its backward. None of the three passes reads
 parameters another optimizer has just changed (the SiT pass takes z and the D pass recon from
@@ -32,7 +33,6 @@ import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.distributed.tensor import DTensor
 
 from repae.config import build_model, to_plain
 from repae.kernels import use_fast_kernels
@@ -42,6 +42,7 @@ from repae.modules.losses import call_with_frozen_parameters
 from repae.modules.samplers import generate_images
 from repae.modules.state_dict import check_state_dict
 from repae.modules.vae import DiagonalGaussianDistribution, images_to_vae_input, load_vae_weights
+from repae.optim_step import JointStep
 from repae.safe_load import load_weights_only
 
 MODES = ("e2e", "ldm_only")
@@ -75,19 +76,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def gradient_norm(params: list[nn.Parameter]) -> torch.Tensor:
-    """The L2 norm of all of ``params``' gradients together. For FSDP-sharded parameters it is
-    assembled from every rank's shard, so all ranks clip alike and agree on finiteness."""
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
-
-
-def clip_divisor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """What to divide gradients of total norm ``norm`` by to clip them as
-    ``torch.nn.utils.clip_grads_with_norm_`` does: 1 when the norm is within ``max_norm``."""
-    return ((norm + 1e-6) / max_norm).clamp(min=1.0)
-
-
 def inductor_options(key: str, options: Mapping | None) -> dict:
     """``options`` (the config's ``model.<key>``) as a dict, every name checked against inductor's."""
     options = dict(to_plain(options) or {})
@@ -117,7 +105,7 @@ class REPAE(pl.LightningModule):
         ema_decay: decay of the SiT EMA.
         max_train_steps: training stops after this many steps (one batch = one step).
         max_consecutive_nonfinite: this many skipped steps in a row stop the run with an error
-            (with fused optimizers, checked every that many steps: see ``_step_if_finite``).
+            (with fused optimizers, checked every that many steps: see ``repae.optim_step``).
         vae_weights_path, latents_stats_path, discriminator_weights_path: pretrained files loaded
             by ``load_pretrained`` when a run starts (not when it resumes).
         sampling: defaults for ``generate`` (mode, num_steps, cfg_scale, guidance interval, ...).
@@ -204,8 +192,8 @@ class REPAE(pl.LightningModule):
         self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
         self._step = 0
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long))
-        self.consecutive_nonfinite = 0
         self.grad_scalers: list[torch.amp.GradScaler] | None = None
+        self.joint_step: JointStep | None = None  # made in on_train_start, for the optimizers
         self.rng_states_to_restore: list[dict[str, Any]] | None = None
 
     # --- set-up -------------------------------------------------------------------------------
@@ -323,28 +311,23 @@ class REPAE(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch["image"], batch["label"]
         self.check_batch(images)
-        buffers_before = [buffer.clone() for buffer in self.step_buffers]
-        grad_norms: dict[str, torch.Tensor] = {}
-        backward = partial(self._backward, grad_norms=grad_norms)
+        self.joint_step.begin()
         if self.mode == "e2e":
-            logs = self._e2e_losses(images, labels, backward)
+            logs = self._e2e_losses(images, labels, self.joint_step.backward)
         else:
-            logs = self._ldm_only_losses(batch, images, labels, backward)
-        finite = torch.stack([norm.float() for norm in grad_norms.values()]).isfinite().all()
-        self.nonfinite_steps += ~finite  # counted before the logs are formed, which report it
-        logs.update({f"grad_norm_{name}": norm for name, norm in grad_norms.items()})
+            logs = self._ldm_only_losses(batch, images, labels, self.joint_step.backward)
+        logs |= self.joint_step.check_gradients()
         logs.update(
             # torch.full launches a fill; Lightning would copy a Python float over and wait for the GPU
             step=torch.full((), float(self.step + 1), device=self.device),
             epoch=torch.full((), float(self.current_epoch), device=self.device),
-            nonfinite_steps=self.nonfinite_steps.float(),
         )
-        # Logged before _step_if_finite may wait for the GPU, so Lightning's per-metric bookkeeping
+        # Logged before the joint step may wait for the GPU, so Lightning's per-metric bookkeeping
         # (several ms of CPU a step) runs while the GPU is still busy with the backward passes. Not
         # prog_bar: Lightning reads those on the host after every batch, waiting for the GPU; the
         # progress bar (repae.callbacks.progress.ProgressBar) shows the losses every few steps.
         self.log_dict(logs, on_step=True, batch_size=images.shape[0])
-        self._step_if_finite(finite, buffers_before, grad_norms)
+        self.joint_step.step(self.step + 1)
         self.train_step += 1
         self._step += 1
 
@@ -367,8 +350,8 @@ class REPAE(pl.LightningModule):
             self.sit, z, labels, zs, align_only=True, time_input=self._training_times(z)
         )
         vae_align_loss = align["proj_loss"]
-        vae_loss = reg_loss + self.vae_align_proj_coeff * vae_align_loss
-        backward("vae", vae_loss)
+        vae_total_loss = reg_loss + self.vae_align_proj_coeff * vae_align_loss
+        backward("vae", vae_total_loss)
 
         d_loss, d_logs = self.vae_loss(x, recon, posterior, self.step, mode="discriminator")
         backward("disc", d_loss)
@@ -382,7 +365,7 @@ class REPAE(pl.LightningModule):
             "sit_loss": sit_loss,
             "denoising_loss": denoising_loss,
             "proj_loss": out["proj_loss"],
-            "vae_loss": vae_loss,
+            "vae_loss": vae_total_loss,
             "vae_align_loss": vae_align_loss,
             "d_loss": d_loss,
             **{key: value for key, value in reg_logs.items() if key != "total_loss"},
@@ -412,94 +395,6 @@ class REPAE(pl.LightningModule):
         sit_loss = denoising_loss + self.proj_coeff * out["proj_loss"]
         backward("sit", sit_loss)
         return {"sit_loss": sit_loss, "denoising_loss": denoising_loss, "proj_loss": out["proj_loss"]}
-
-    def _optimizers_by_name(self) -> dict[str, tuple]:
-        """name -> (LightningOptimizer, parameters, GradScaler or None), in optimizer order."""
-        optimizers = self.optimizers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        groups = self.parameter_groups
-        scalers = self.grad_scalers or [None] * len(groups)
-        return {
-            name: (optimizer, params, scaler)
-            for (name, params, _), optimizer, scaler in zip(groups, optimizers, scalers, strict=True)
-        }
-
-    def _backward(self, name: str, loss: torch.Tensor, grad_norms: dict[str, torch.Tensor]) -> None:
-        """Backpropagate ``loss`` into parameter set ``name`` and record the norm of its (unscaled)
-        gradients; ``_step_if_finite`` clips them to ``max_grad_norm`` with it."""
-        optimizer, params, scaler = self._optimizers_by_name()[name]
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(scaler.scale(loss) if scaler else loss)
-        if scaler:
-            scaler.unscale_(optimizer.optimizer)
-        grad_norms[name] = gradient_norm(params)
-
-    @cached_property
-    def skips_on_device(self) -> bool:
-        """Whether a non-finite step is skipped on the GPU, without the host waiting to read the
-        gradient norms: every optimizer is fused (its kernel skips the update when given
-        ``found_inf``, as GradScaler does), no GradScaler (16-mixed) and no FSDP-sharded parameter."""
-        fused = all(
-            optimizer.optimizer.param_groups[0]["fused"]
-            for optimizer, _, _ in self._optimizers_by_name().values()
-        )
-        sharded = any(isinstance(parameter, DTensor) for parameter in self.parameters())
-        return fused and not self.grad_scalers and not sharded
-
-    def _step_if_finite(
-        self, finite: torch.Tensor, buffers_before: list[torch.Tensor], grad_norms: dict[str, torch.Tensor]
-    ) -> None:
-        """Step every optimizer, with its gradients clipped to ``max_grad_norm`` by their norm in
-        ``grad_norms``, and the EMA if ``finite`` (a bool tensor: all gradient norms are finite);
-        otherwise skip all of them together, so the three models stay consistent, restore the
-        buffers the forward passes changed to ``buffers_before``, and count the skips in a row
-        (``training_step`` counts the skips in all).
-
-        With ``skips_on_device`` the host never waits for the GPU here, and it reads the count of
-        consecutive skips only every ``max_consecutive_nonfinite`` steps; otherwise it reads
-        ``finite`` (the step's one wait for the GPU) and the count every step."""
-        optimizers = self._optimizers_by_name()
-        skipped = ~finite
-        if self.skips_on_device:
-            restored = [
-                torch.where(finite, now, before)
-                for now, before in zip(self.step_buffers, buffers_before, strict=True)
-            ]
-            torch._foreach_copy_(self.step_buffers, restored)
-            found_inf = skipped.float()
-            for name, (optimizer, _, _) in optimizers.items():
-                # Fused AdamW divides the gradients by grad_scale as it reads them (the hook GradScaler
-                # uses), so clipping costs no pass over the gradients of its own.
-                optimizer.optimizer.found_inf = found_inf
-                optimizer.optimizer.grad_scale = clip_divisor(grad_norms[name], self.max_grad_norm)
-                optimizer.step()
-                del optimizer.optimizer.found_inf, optimizer.optimizer.grad_scale
-            self.ema_update(self.ema_decay, where=finite)
-            self.consecutive_nonfinite = (self.consecutive_nonfinite + 1) * skipped  # a tensor
-            check = (self.step + 1) % self.max_consecutive_nonfinite == 0
-        else:
-            step_taken = bool(finite)
-            if step_taken:
-                for name, (optimizer, params, _) in optimizers.items():
-                    torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, grad_norms[name])
-                    optimizer.step()
-                self.ema_update(self.ema_decay)
-            else:
-                torch._foreach_copy_(self.step_buffers, buffers_before)
-            self.consecutive_nonfinite = 0 if step_taken else self.consecutive_nonfinite + 1
-            check = True
-        if check:
-            consecutive = int(self.consecutive_nonfinite)
-            if consecutive >= self.max_consecutive_nonfinite:
-                raise FloatingPointError(
-                    f"{consecutive} consecutive steps with non-finite losses or gradients "
-                    f"(last at step {self.step + 1}); stopping. Resume from the last checkpoint, "
-                    "e.g. with a lower learning rate or bf16 instead of 16-mixed precision."
-                )
-        for optimizer, _, scaler in optimizers.values():
-            optimizer.zero_grad(set_to_none=True)  # free the gradients before the next step's passes
-            if scaler:
-                scaler.update()
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.step >= self.max_train_steps:
@@ -539,8 +434,24 @@ class REPAE(pl.LightningModule):
     def on_train_start(self) -> None:
         if self.step >= self.max_train_steps:  # re-running a finished run: nothing to do
             self.trainer.should_stop = True
-        # Here, once the strategy has wrapped (or sharded) the SiT and a checkpoint was loaded into it.
-        self.ema_update = EMAUpdate(self.ema, self.sit, compile=self.compile_models and self.skips_on_device)
+        # Here, once the strategy has wrapped (or sharded) the SiT and made the optimizers, and a
+        # checkpoint was loaded into them.
+        self.ema_update = EMAUpdate(self.ema, self.sit, compile=self.compile_models)
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        self.joint_step = JointStep(
+            {
+                name: optimizer
+                for (name, _, _), optimizer in zip(self.parameter_groups, optimizers, strict=True)
+            },
+            backward=self.manual_backward,
+            ema_update=partial(self.ema_update, self.ema_decay),
+            step_buffers=self.step_buffers,
+            nonfinite_steps=self.nonfinite_steps,
+            max_grad_norm=self.max_grad_norm,
+            max_consecutive_nonfinite=self.max_consecutive_nonfinite,
+            scalers=self.grad_scalers,
+        )
         # After the per-rank reseeding, which would otherwise restart the random streams.
         states = self.rng_states_to_restore
         if states and len(states) == self.trainer.world_size:
