@@ -211,7 +211,9 @@ class REPAE(pl.LightningModule):
         if mode == "vae_only":
             self.encoders = nn.ModuleList()
             self.sit = None
-            self.ema = nn.ModuleDict({"bn": GlobalBatchNorm2d(self.vae.latent_channels, eps=1e-4, affine=False)})
+            self.ema = nn.ModuleDict(
+                {"bn": GlobalBatchNorm2d(self.vae.latent_channels, eps=1e-4, affine=False)}
+            )
         else:
             self.encoders = build_encoders(**to_plain(encoder))
             self.sit = instantiate(to_plain(sit), z_dims=[e.embed_dim for e in self.encoders])
@@ -295,7 +297,9 @@ class REPAE(pl.LightningModule):
         config = self.optimizer_config
         groups = []
         if self.sit is not None:
-            groups.append(("sit", [p for p in self.sit.parameters() if p.requires_grad], config["learning_rate"]))
+            groups.append(
+                ("sit", [p for p in self.sit.parameters() if p.requires_grad], config["learning_rate"])
+            )
         if self.mode != "ldm_only":
             groups.append(("vae", list(self.vae.parameters()), config["vae_learning_rate"]))
             groups.append(
@@ -432,7 +436,9 @@ class REPAE(pl.LightningModule):
             **{key: value for key, value in d_logs.items() if key != "discriminator_loss"},
         }
 
-    def _vae_only_losses(self, images, backward: Callable[[str, torch.Tensor], None]) -> dict[str, torch.Tensor]:
+    def _vae_only_losses(
+        self, images, backward: Callable[[str, torch.Tensor], None]
+    ) -> dict[str, torch.Tensor]:
         """The VAE and discriminator losses of an end-to-end step, without the SiT; ``ema.bn``
         follows the latents (no gradient) for the extraction's latents stats."""
         x = self.vae_input(images)
@@ -604,7 +610,9 @@ class REPAE(pl.LightningModule):
         if self.sit is None:  # vae_only: no SiT to average
             self.ema_update = lambda decay, where=None: None
         else:
-            self.ema_update = EMAUpdate(self.ema, self.sit, compile=self.compile_models and self.skips_on_device)
+            self.ema_update = EMAUpdate(
+                self.ema, self.sit, compile=self.compile_models and self.skips_on_device
+            )
         # After the per-rank reseeding, which would otherwise restart the random streams.
         states = self.rng_states_to_restore
         if states and len(states) == self.trainer.world_size:

@@ -207,7 +207,11 @@ class DistributionMetricCallback(Callback):
             raise ValueError("num_samples must be >= 2; batch_size and every_n_steps positive")
         if every_n_steps is None and not steps:
             raise ValueError("set every_n_steps or steps (a list of steps to evaluate at), or both")
-        if reference_stats_path is None and not reference_from_datamodule_images and reference_dataset is None:
+        if (
+            reference_stats_path is None
+            and not reference_from_datamodule_images
+            and reference_dataset is None
+        ):
             raise ValueError(
                 f"No reference for the Fréchet distance: set `{REFERENCE_STATS_CONFIG_KEY}` (npz with mu/sigma "
                 f"or images arr_0), `callbacks.fid.reference_dataset` (a dataset config) or "
