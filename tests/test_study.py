@@ -15,7 +15,8 @@ from hydra.utils import instantiate
 from repae.convert import extract_vae
 from repae.module import REPAE, to_plain
 from repae.study import ARMS, steps_to_reach
-from tests.test_training import a_batch, fit
+
+from test_training import a_batch, fit
 
 
 def build(cfg) -> REPAE:
@@ -83,6 +84,7 @@ def test_steps_to_reach_interpolates_in_log_step():
     assert steps_to_reach(curve, 5.0) == (">", 2000)
 
 
+@pytest.mark.slow  # minutes on 2 busy cores: eight 1280-d Fréchet distances and six training processes
 def test_smoke_study_writes_every_output_with_rows_for_every_arm(tmp_path):
     out = tmp_path / "study"
     command = [sys.executable, "-m", "repae.study", "--smoke", "--out", str(out), "--parallel", "4"]
