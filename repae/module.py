@@ -21,6 +21,10 @@ same update, and it lets a non-finite loss skip all three updates together.
 
 LDM-only mode (reference §8): frozen VAE in eval mode (no optimizer), SiT BN fixed in eval mode
 with the latents-stats file, latents encoded on the fly or read from a latent cache.
+
+VAE-only mode (VAE pre-training): the VAE and discriminator losses of step 3-4 alone; no SiT, no
+encoders. A BatchNorm (``latents_bn``) follows the latents, and the VAE extraction reads the latents
+stats from it as it reads them from the EMA SiT's, so a pre-trained VAE is extracted like an E2E-VAE.
 """
 
 from __future__ import annotations
@@ -40,12 +44,13 @@ from repae.modules.ema import EMAUpdate, make_ema, update_ema
 from repae.modules.encoders import build_encoders
 from repae.modules.losses import call_with_frozen_parameters
 from repae.modules.samplers import generate_images
+from repae.modules.sit import GlobalBatchNorm2d
 from repae.modules.state_dict import check_state_dict
 from repae.modules.vae import DiagonalGaussianDistribution, images_to_vae_input, load_vae_weights
 from repae.optim_step import JointStep
 from repae.safe_load import load_weights_only
 
-MODES = ("e2e", "ldm_only")
+MODES = ("e2e", "ldm_only", "vae_only")
 
 
 def load_latents_stats(path: str) -> dict[str, torch.Tensor]:
@@ -97,8 +102,11 @@ class REPAE(pl.LightningModule):
         sit, vae, encoder, loss: configs of the SiT (``build_sit``), the VAE (``build_vae``), the
             alignment encoders (``build_encoders``) and the VAE regularisation loss (which holds
             the discriminator and the perceptual loss; unused in ``ldm_only`` mode).
-        mode: ``e2e`` (REPA-E) or ``ldm_only`` (frozen VAE).
+        mode: ``e2e`` (REPA-E), ``ldm_only`` (frozen VAE) or ``vae_only`` (VAE pre-training).
         proj_coeff: REPA weight in the SiT loss. vae_align_proj_coeff: REPA weight in the VAE loss.
+        vae_denoising_coeff: weight of the denoising loss that reaches the VAE through the frozen
+            SiT, as the REPA loss does (e2e). An ablation (the paper's naive end-to-end tuning),
+            never a default: 0 is the official stop-gradient.
         optimizer: AdamW settings with the official names (learning_rate, vae_learning_rate,
             disc_learning_rate, adam_beta1, adam_beta2, adam_weight_decay, adam_epsilon).
         max_grad_norm: clip norm, applied separately to each parameter set.
@@ -132,6 +140,7 @@ class REPAE(pl.LightningModule):
         mode: str = "e2e",
         proj_coeff: float = 0.5,
         vae_align_proj_coeff: float = 1.5,
+        vae_denoising_coeff: float = 0.0,
         optimizer: Mapping | None = None,
         max_grad_norm: float = 1.0,
         ema_decay: float = 0.9999,
@@ -157,6 +166,7 @@ class REPAE(pl.LightningModule):
         self.mode = mode
         self.proj_coeff = proj_coeff
         self.vae_align_proj_coeff = vae_align_proj_coeff
+        self.vae_denoising_coeff = vae_denoising_coeff
         self.optimizer_config = dict(to_plain(optimizer) or {})
         self.max_grad_norm = max_grad_norm
         self.ema_decay = ema_decay
@@ -172,15 +182,20 @@ class REPAE(pl.LightningModule):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.fast_kernels = fast_kernels
 
-        self.encoders = build_encoders(**to_plain(encoder))
         self.vae = build_model(to_plain(vae), "model.vae")
-        self.sit = build_model(to_plain(sit), "model.sit", z_dims=[e.embed_dim for e in self.encoders])
-        self.ema = make_ema(self.sit)
+        if mode == "vae_only":  # no SiT: the latents' BatchNorm alone, for the extracted latents stats
+            self.encoders = nn.ModuleList()
+            self.sit = self.ema = None
+            self.latents_bn = GlobalBatchNorm2d(self.vae.latent_channels, eps=1e-4, affine=False)
+        else:
+            self.encoders = build_encoders(**to_plain(encoder))
+            self.sit = build_model(to_plain(sit), "model.sit", z_dims=[e.embed_dim for e in self.encoders])
+            self.ema = make_ema(self.sit)
         self.ema_update: EMAUpdate | None = None  # made in on_train_start, for the SiT the strategy holds
-        self.vae_loss = build_model(to_plain(loss), "model.loss") if mode == "e2e" else None
+        self.vae_loss = build_model(to_plain(loss), "model.loss") if mode != "ldm_only" else None
         if mode == "ldm_only":
             self.vae.requires_grad_(False).eval()
-        if self.vae.latent_channels != self.sit.in_channels:
+        if self.sit is not None and self.vae.latent_channels != self.sit.in_channels:
             raise ValueError(
                 f"model.sit.in_channels={self.sit.in_channels}, but the VAE makes {self.vae.latent_channels}-channel "
                 "latents: set model.sit.in_channels (and input_size) to match model.vae"
@@ -219,7 +234,7 @@ class REPAE(pl.LightningModule):
         hp = self.hparams
         if hp.vae_weights_path:
             load_vae_weights(self.vae, hp.vae_weights_path)
-        if hp.latents_stats_path:
+        if hp.latents_stats_path and self.sit is not None:
             self.sit.init_bn(**load_latents_stats(hp.latents_stats_path))
         elif self.mode == "ldm_only":
             raise ValueError(
@@ -229,7 +244,8 @@ class REPAE(pl.LightningModule):
             from repae.modules.discriminator import load_discriminator_weights
 
             load_discriminator_weights(self.vae_loss.discriminator, hp.discriminator_weights_path)
-        update_ema(self.ema, self.sit, decay=0.0)
+        if self.sit is not None:
+            update_ema(self.ema, self.sit, decay=0.0)
 
     def setup(self, stage: str) -> None:
         # 16-mixed: Lightning's single GradScaler would clip scaled gradients in manual mode and update
@@ -246,7 +262,7 @@ class REPAE(pl.LightningModule):
             for module in convolutional:
                 module.to(memory_format=torch.channels_last)
         if self.compile_models and stage == "fit":
-            for module in [self.sit, *self.encoders, *convolutional]:
+            for module in [*([self.sit] if self.sit else []), *self.encoders, *convolutional]:
                 options = self.vae_compile_options if module is self.vae else self.compile_options
                 module.compile(options=options or None)
 
@@ -254,8 +270,12 @@ class REPAE(pl.LightningModule):
     def parameter_groups(self) -> list[tuple[str, list[nn.Parameter], float]]:
         """(name, parameters, learning rate) per optimizer, in optimizer order."""
         config = self.optimizer_config
-        groups = [("sit", [p for p in self.sit.parameters() if p.requires_grad], config["learning_rate"])]
-        if self.mode == "e2e":
+        groups = []
+        if self.sit is not None:
+            groups.append(
+                ("sit", [p for p in self.sit.parameters() if p.requires_grad], config["learning_rate"])
+            )
+        if self.mode != "ldm_only":
             groups.append(("vae", list(self.vae.parameters()), config["vae_learning_rate"]))
             groups.append(
                 (
@@ -310,10 +330,13 @@ class REPAE(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch["image"], batch["label"]
-        self.check_batch(images)
+        if self.sit is not None:
+            self.check_batch(images)
         self.joint_step.begin()
         if self.mode == "e2e":
             logs = self._e2e_losses(images, labels, self.joint_step.backward)
+        elif self.mode == "vae_only":
+            logs = self._vae_only_losses(images, self.joint_step.backward)
         else:
             logs = self._ldm_only_losses(batch, images, labels, self.joint_step.backward)
         logs |= self.joint_step.check_gradients()
@@ -347,10 +370,20 @@ class REPAE(pl.LightningModule):
         # Frozen-SiT pass: eval mode (BN running stats, no label dropout), detached parameters.
         self.sit.eval()
         align = call_with_frozen_parameters(
-            self.sit, z, labels, zs, align_only=True, time_input=self._training_times(z)
+            self.sit,
+            z,
+            labels,
+            zs,
+            align_only=not self.vae_denoising_coeff,
+            time_input=self._training_times(z),
         )
         vae_align_loss = align["proj_loss"]
         vae_total_loss = reg_loss + self.vae_align_proj_coeff * vae_align_loss
+        ablation_logs = {}
+        if self.vae_denoising_coeff:
+            vae_denoising_loss = align["denoising_loss"].mean()
+            vae_total_loss = vae_total_loss + self.vae_denoising_coeff * vae_denoising_loss
+            ablation_logs["vae_denoising_loss"] = vae_denoising_loss
         backward("vae", vae_total_loss)
 
         d_loss, d_logs = self.vae_loss(x, recon, posterior, self.step, mode="discriminator")
@@ -367,6 +400,28 @@ class REPAE(pl.LightningModule):
             "proj_loss": out["proj_loss"],
             "vae_loss": vae_total_loss,
             "vae_align_loss": vae_align_loss,
+            "d_loss": d_loss,
+            **ablation_logs,
+            **{key: value for key, value in reg_logs.items() if key != "total_loss"},
+            **{key: value for key, value in d_logs.items() if key != "discriminator_loss"},
+        }
+
+    def _vae_only_losses(
+        self, images, backward: Callable[[str, torch.Tensor], None]
+    ) -> dict[str, torch.Tensor]:
+        """The VAE and discriminator losses of an end-to-end step, without the SiT; ``latents_bn``
+        follows the latents (no gradient) for the extraction's latents stats."""
+        x = self.vae_input(images)
+        self.vae.train()
+        posterior, z, recon = self.vae(x)
+        with torch.no_grad():
+            self.latents_bn.train()(z.float())
+        vae_loss, reg_logs = self.vae_loss(x, recon, posterior, self.step, mode="generator")
+        backward("vae", vae_loss)
+        d_loss, d_logs = self.vae_loss(x, recon, posterior, self.step, mode="discriminator")
+        backward("disc", d_loss)
+        return {
+            "vae_loss": vae_loss,
             "d_loss": d_loss,
             **{key: value for key, value in reg_logs.items() if key != "total_loss"},
             **{key: value for key, value in d_logs.items() if key != "discriminator_loss"},
@@ -436,7 +491,8 @@ class REPAE(pl.LightningModule):
             self.trainer.should_stop = True
         # Here, once the strategy has wrapped (or sharded) the SiT and made the optimizers, and a
         # checkpoint was loaded into them.
-        self.ema_update = EMAUpdate(self.ema, self.sit, compile=self.compile_models)
+        if self.sit is not None:
+            self.ema_update = EMAUpdate(self.ema, self.sit, compile=self.compile_models)
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         self.joint_step = JointStep(
@@ -445,7 +501,7 @@ class REPAE(pl.LightningModule):
                 for (name, _, _), optimizer in zip(self.parameter_groups, optimizers, strict=True)
             },
             backward=self.manual_backward,
-            ema_update=partial(self.ema_update, self.ema_decay),
+            ema_update=partial(self.ema_update, self.ema_decay) if self.ema_update else None,
             step_buffers=self.step_buffers,
             nonfinite_steps=self.nonfinite_steps,
             max_grad_norm=self.max_grad_norm,

@@ -61,7 +61,8 @@ class JointStep:
             one the scalers unscale and fused AdamW's ``found_inf``/``grad_scale`` are set on.
         backward: backpropagates a loss (``torch.Tensor.backward``, Lightning's ``manual_backward``).
         ema_update: ``ema_update(where)`` after the optimizers' steps; ``where`` is None when the
-            host knows the step is taken, else a bool scalar tensor: update only if True.
+            host knows the step is taken, else a bool scalar tensor: update only if True. None
+            when there is no EMA (``vae_only``).
         step_buffers: the buffers the forward passes change; a skipped step restores them.
         nonfinite_steps: a long scalar tensor counting the skipped steps, incremented in place.
         max_grad_norm: each parameter set's gradients are clipped to this norm.
@@ -73,7 +74,7 @@ class JointStep:
         self,
         optimizers: Mapping[str, torch.optim.Optimizer],
         backward: Callable[[torch.Tensor], None],
-        ema_update: Callable[[torch.Tensor | None], None],
+        ema_update: Callable[[torch.Tensor | None], None] | None,
         step_buffers: Sequence[torch.Tensor],
         nonfinite_steps: torch.Tensor,
         max_grad_norm: float,
@@ -87,7 +88,7 @@ class JointStep:
         }
         self.scalers = dict(zip(self.optimizers, scalers, strict=True)) if scalers else {}
         self.run_backward = backward
-        self.ema_update = ema_update
+        self.ema_update = ema_update or (lambda where: None)
         self.step_buffers = list(step_buffers)
         self.nonfinite_steps = nonfinite_steps
         self.consecutive_nonfinite = torch.zeros_like(nonfinite_steps)

@@ -6,6 +6,9 @@ Both rely on the LightningModule exposing
   (EMA SiT + sampler + VAE decode with the EMA BatchNorm statistics),
 - ``num_classes``, ``latent_shape`` ``(C, h, w)`` and ``step`` (REPA-E iterations: one per batch).
 
+A module without a SiT (``model.mode=vae_only``) has nothing to sample: both callbacks then warn once
+and do nothing.
+
 Schedules use ``pl_module.step``, never ``trainer.global_step`` (which counts the three optimizer steps
 of each batch). ``sampler_kwargs`` are forwarded to ``generate`` (``mode``, ``num_steps``, ``cfg_scale``,
 ``guidance_low``, ``guidance_high``, ``heun``, ``path_type``); in SDE mode a seeded ``generator`` is added
@@ -21,7 +24,9 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import make_grid
 
 from repae.callbacks.run import current_step, run_dir
@@ -43,6 +48,14 @@ def _with_generator(sampler_kwargs: dict, seed: int, device: torch.device) -> di
     if sampler_kwargs.get("mode", "ode") != "sde":
         return dict(sampler_kwargs)
     return {**sampler_kwargs, "generator": torch.Generator(device=device).manual_seed(seed)}
+
+
+def samples_from(callback: Callback, pl_module: LightningModule) -> bool:
+    """Whether ``pl_module`` has a SiT to sample from (any mode but vae_only); warns if not."""
+    if getattr(pl_module, "mode", None) != "vae_only":
+        return True
+    rank_zero_warn(f"{type(callback).__name__} does nothing: this model has no SiT (model.mode=vae_only)")
+    return False
 
 
 def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -99,6 +112,7 @@ class ImageGridCallback(Callback):
         self.sampler_kwargs = sampler_kwargs
         self._fixed_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self._last_step: int | None = None
+        self.enabled = True
 
     def fixed_inputs(self, pl_module: LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
         """The labels int64 [N] and noise [N, C, h, w] used for every grid (CPU, drawn once)."""
@@ -139,16 +153,21 @@ class ImageGridCallback(Callback):
             elif isinstance(logger, WandbLogger):
                 logger.log_image(key="samples", images=[grid.permute(1, 2, 0).numpy()], step=step)
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.enabled = samples_from(self, pl_module)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if current_step(pl_module) % self.every_n_steps == 0:
+        if self.enabled and current_step(pl_module) % self.every_n_steps == 0:
             self._log_grid(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._log_grid(trainer, pl_module)
+        if self.enabled:
+            self._log_grid(trainer, pl_module)
 
 
 class DistributionMetricCallback(Callback):
-    """FID (Inception) or FD-EffNet (EfficientNet-Lite0) of EMA samples, every ``every_n_steps`` and at train end.
+    """FID (Inception) or FD-EffNet (EfficientNet-Lite0) of EMA samples, every ``every_n_steps`` and/or at
+    the listed ``steps``, and at train end.
 
     Each evaluation samples ``num_samples`` images on all ranks together (each rank its contiguous share
     of a class-balanced, shuffled label list, noise from the per-rank seed ``seed * world_size + rank``,
@@ -157,22 +176,26 @@ class DistributionMetricCallback(Callback):
 
     Reference statistics: ``reference_stats_path`` (ADM-style npz with ``mu``/``sigma``, or images
     ``arr_0`` whose features are computed with this callback's extractor). If that file does not exist
-    (or no path is given) and ``reference_from_datamodule_images = N``, they are computed once, on rank 0,
-    from the first N images of a fresh ``trainer.datamodule.train_dataloader()`` (else the trainer's train
-    loader) and written to ``reference_stats_path`` when given. Handy for the demo; for published-number
-    comparisons use the ADM reference batch with Inception.
+    (or no path is given) and ``reference_dataset`` is given (a dataset of ``{"image": uint8 [3,H,W]}``
+    samples, e.g. a held-out test split), they are computed once, on rank 0, from all its images; else, with
+    ``reference_from_datamodule_images = N``, from the first N images of a fresh
+    ``trainer.datamodule.train_dataloader()`` (else the trainer's train loader). Either is written to
+    ``reference_stats_path`` when given. Handy for the demo and the reproduction study; for
+    published-number comparisons use the ADM reference batch with Inception.
 
     The feature extractor lives in this callback, not in the LightningModule, so it never enters checkpoints.
     """
 
     def __init__(
         self,
-        every_n_steps: int,
         num_samples: int,
         batch_size: int,
+        every_n_steps: int | None = None,
+        steps: list[int] | None = None,
         feature_extractor: str = "effnet",
         reference_stats_path: str | None = None,
         reference_from_datamodule_images: int | None = None,
+        reference_dataset: Dataset | None = None,
         inception_weights_path: str | None = None,
         effnet_resolution: int = 128,
         seed: int = 0,
@@ -180,20 +203,29 @@ class DistributionMetricCallback(Callback):
     ):
         if feature_extractor not in ("inception", "effnet"):
             raise ValueError(f"feature_extractor must be 'inception' or 'effnet', got {feature_extractor!r}")
-        if num_samples < 2 or batch_size <= 0 or every_n_steps <= 0:
+        if num_samples < 2 or batch_size <= 0 or (every_n_steps is not None and every_n_steps <= 0):
             raise ValueError("num_samples must be >= 2; batch_size and every_n_steps positive")
-        if reference_stats_path is None and not reference_from_datamodule_images:
+        if every_n_steps is None and not steps:
+            raise ValueError("set every_n_steps or steps (a list of steps to evaluate at), or both")
+        if (
+            reference_stats_path is None
+            and not reference_from_datamodule_images
+            and reference_dataset is None
+        ):
             raise ValueError(
                 f"No reference for the Fréchet distance: set `{REFERENCE_STATS_CONFIG_KEY}` (npz with mu/sigma "
-                f"or images arr_0) or `{REFERENCE_IMAGES_CONFIG_KEY}` (number of training images)."
+                f"or images arr_0), `callbacks.fid.reference_dataset` (a dataset config) or "
+                f"`{REFERENCE_IMAGES_CONFIG_KEY}` (number of training images)."
             )
         self.every_n_steps = every_n_steps
+        self.steps = set(steps or ())
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.feature_extractor_name = feature_extractor
         self.metric_name = "fid" if feature_extractor == "inception" else "fd_effnet"
         self.reference_stats_path = reference_stats_path
         self.reference_from_datamodule_images = reference_from_datamodule_images
+        self.reference_dataset = reference_dataset
         self.inception_weights_path = inception_weights_path
         self.effnet_resolution = effnet_resolution
         self.seed = seed
@@ -201,9 +233,11 @@ class DistributionMetricCallback(Callback):
         self.feature_extractor: torch.nn.Module | None = None
         self.reference: tuple[np.ndarray, np.ndarray] | None = None
         self._last_step: int | None = None
+        self.enabled = True
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if self.feature_extractor is None:
+        self.enabled = samples_from(self, pl_module)
+        if self.enabled and self.feature_extractor is None:
             if self.feature_extractor_name == "inception":
                 self.feature_extractor = InceptionFeatures(
                     self.inception_weights_path, config_key="callbacks.fid.inception_weights_path"
@@ -224,9 +258,9 @@ class DistributionMetricCallback(Callback):
             self.reference = load_reference_statistics(
                 path, self._extractor(pl_module.device), self.batch_size, pl_module.device
             )
-        elif self.reference_from_datamodule_images:
+        elif self.reference_dataset is not None or self.reference_from_datamodule_images:
             reference = (
-                self._statistics_of_training_images(trainer, pl_module) if trainer.is_global_zero else None
+                self._statistics_of_reference_images(trainer, pl_module) if trainer.is_global_zero else None
             )
             self.reference = trainer.strategy.broadcast(reference, src=0)
             if trainer.is_global_zero and path is not None:
@@ -239,11 +273,15 @@ class DistributionMetricCallback(Callback):
         return self.reference
 
     @torch.no_grad()
-    def _statistics_of_training_images(self, trainer: Trainer, pl_module: LightningModule):
-        datamodule = trainer.datamodule
-        loader = datamodule.train_dataloader() if datamodule is not None else trainer.train_dataloader
+    def _statistics_of_reference_images(self, trainer: Trainer, pl_module: LightningModule):
         extractor = self._extractor(pl_module.device)
         statistics = FeatureStatistics(extractor.num_features, device=pl_module.device)
+        if self.reference_dataset is not None:
+            for batch in DataLoader(self.reference_dataset, batch_size=self.batch_size):
+                statistics.update(extractor(images_to_uint8(_images_of_batch(batch).to(pl_module.device))))
+            return statistics.compute()
+        datamodule = trainer.datamodule
+        loader = datamodule.train_dataloader() if datamodule is not None else trainer.train_dataloader
         remaining = self.reference_from_datamodule_images
         for batch in loader:
             images = images_to_uint8(_images_of_batch(batch)[:remaining].to(pl_module.device))
@@ -317,9 +355,13 @@ class DistributionMetricCallback(Callback):
             self._last_step = step
             self.evaluate(trainer, pl_module)
 
+    def due(self, step: int) -> bool:
+        return step in self.steps or (self.every_n_steps is not None and step % self.every_n_steps == 0)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if current_step(pl_module) % self.every_n_steps == 0:
+        if self.enabled and self.due(current_step(pl_module)):
             self._maybe_evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._maybe_evaluate(trainer, pl_module)
+        if self.enabled:
+            self._maybe_evaluate(trainer, pl_module)

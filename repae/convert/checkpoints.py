@@ -39,7 +39,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def training_components(checkpoint: Mapping[str, Any]) -> dict[str, StateDict | None]:
-    """The state_dicts ``sit``, ``ema``, ``vae`` and ``discriminator`` of a training checkpoint.
+    """The state_dicts ``sit``, ``ema``, ``vae``, ``discriminator`` and ``latents_bn`` of a training
+    checkpoint; ``latents_bn`` is the BatchNorm that normalises the latents (the EMA SiT's, or the
+    module's own in ``vae_only`` runs, which have no SiT), whose running statistics are the latents stats.
 
     Official checkpoints store them under ``model``, ``ema``, ``vae``, ``discriminator``; repae
     Lightning checkpoints under the prefixes ``sit.``, ``ema.``, ``vae.``, ``vae_loss.discriminator.``.
@@ -49,7 +51,9 @@ def training_components(checkpoint: Mapping[str, Any]) -> dict[str, StateDict | 
     if "state_dict" in checkpoint and "pytorch-lightning_version" in checkpoint:
         state = checkpoint["state_dict"]
         parts = {name: sub_state_dict(state, prefix) for name, prefix in
-                 [("sit", "sit."), ("ema", "ema."), ("vae", "vae."), ("discriminator", "vae_loss.discriminator.")]}  # fmt: skip
+                 [("sit", "sit."), ("ema", "ema."), ("vae", "vae."), ("discriminator", "vae_loss.discriminator."),
+                  ("latents_bn", "latents_bn.")]}  # fmt: skip
+        parts["latents_bn"] = parts["latents_bn"] or sub_state_dict(parts["ema"], "bn.")
         return {name: part or None for name, part in parts.items()}
     if "model" in checkpoint and "ema" in checkpoint:
         return {
@@ -57,6 +61,7 @@ def training_components(checkpoint: Mapping[str, Any]) -> dict[str, StateDict | 
             "ema": dict(checkpoint["ema"]),
             "vae": dict(checkpoint["vae"]) if "vae" in checkpoint else None,
             "discriminator": dict(checkpoint["discriminator"]) if "discriminator" in checkpoint else None,
+            "latents_bn": sub_state_dict(checkpoint["ema"], "bn."),
         }
     raise ValueError(
         f"not a training checkpoint: expected a repae Lightning checkpoint ('state_dict') or an official one "
@@ -82,7 +87,7 @@ def official_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def extract_vae(checkpoint_path: str | Path, name: str, save_dir: str | Path = "exps") -> dict[str, Path]:
-    """Write ``{save_dir}/{name}/{name}.pt`` (VAE), ``{name}-latents-stats.pt`` (from the EMA SiT's BN)
+    """Write ``{save_dir}/{name}/{name}.pt`` (VAE), ``{name}-latents-stats.pt`` (from ``latents_bn``)
     and, if the checkpoint has one, ``{name}-discriminator-ckpt.pt``.
 
     Returns:
@@ -99,7 +104,7 @@ def extract_vae(checkpoint_path: str | Path, name: str, save_dir: str | Path = "
     files = {"vae": out_dir / f"{name}.pt", "latents_stats": out_dir / f"{name}-latents-stats.pt"}
     torch.save(parts["vae"], files["vae"])
     torch.save(
-        latents_stats_from_bn(parts["ema"]["bn.running_mean"], parts["ema"]["bn.running_var"]),
+        latents_stats_from_bn(parts["latents_bn"]["running_mean"], parts["latents_bn"]["running_var"]),
         files["latents_stats"],
     )
     if parts["discriminator"] is not None:

@@ -1,0 +1,405 @@
+"""The paper's claims in miniature, one command: ``python -m repae.study [--out logs/study] [--parallel 8]``.
+
+Runs the protocol of docs/reproduction.md on one GPU: stage 0 (VAE pre-training, ``study/vae_pretrain``),
+its extraction, the arms vanilla / repa / repae / naive_e2e x seeds as concurrent processes, the
+extraction of each seed's REPA-E and naive-E2E VAE, the arm repa_e2e_vae x seeds, then the VAE
+measurements (rFD-EffNet, PSNR, latent statistics on the t10k test split) and the outputs:
+``results.csv``, ``summary.md`` (tables and the verdicts of claims (a)-(d) by the fixed rules below),
+``fd_vs_step.png``, ``grids.png`` and ``timing.json``.
+
+Resumable: a finished run (its ``final_metrics.json`` exists) is skipped, an unfinished one resumes from
+its ``last.ckpt``. ``--smoke`` runs the same code for a couple of CPU steps per stage (the test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from repae.datamodules.datasets import FashionMNIST
+from repae.metrics import EfficientNetFeatures, FeatureStatistics, frechet_distance, save_reference_statistics
+from repae.modules.vae import build_vae, images_to_vae_input, load_vae_weights
+
+ARMS = ("vanilla", "repa", "repae", "naive_e2e", "repa_e2e_vae")
+FIRST_ARMS = ARMS[:4]  # arm 5 needs each seed's REPA-E VAE
+SEEDS = (0, 1)
+TUNED_VAES = ("repae", "naive_e2e")  # arms whose VAE is extracted and measured
+VAE_NAME = "f4d4-tiny"  # conf/model/vae/tiny.yaml
+EFFNET_RESOLUTION = 64  # callbacks.fid.effnet_resolution of conf/experiment/study/base.yaml
+# --smoke: the same stages on the CPU, a couple of steps each, tiny sample counts.
+SMOKE_OVERRIDES = [
+    "trainer=cpu",
+    "model.max_train_steps=2",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "data.dataset.max_images=64",
+    "callbacks.checkpoint.every_n_steps=2",
+]
+SMOKE_SAMPLING_OVERRIDES = [
+    "callbacks.fid.steps=[1,2]",
+    "callbacks.fid.num_samples=10",
+    "callbacks.fid.batch_size=10",
+    "callbacks.image_grid.num_images=10",
+]
+SMOKE_TEST_IMAGES = 20
+RESULT_FIELDS = [
+    "kind", "arm", "seed", "step", "fd_effnet", "vae", "rfd_effnet", "psnr",
+    "latent_mean", "latent_std", "latent_channel_means", "latent_channel_stds",
+]  # fmt: skip
+
+
+def log(message: str, started: float) -> None:
+    print(f"[study {time.monotonic() - started:7.0f}s] {message}", flush=True)
+
+
+# --- running ------------------------------------------------------------------------------------
+def run_dir(out: Path, arm: str, seed: int) -> Path:
+    return out / "runs" / f"{arm}_s{seed}"
+
+
+def finished(directory: Path) -> bool:
+    return (directory / "final_metrics.json").is_file()
+
+
+def train_command(out: Path, experiment: str, seed: int, directory: Path, smoke: bool) -> list[str]:
+    return [
+        sys.executable, "-m", "repae.train", f"experiment=study/{experiment}", f"seed={seed}",
+        f"study_dir={out}", f"hydra.run.dir={directory}",
+        *(SMOKE_OVERRIDES if smoke else []),
+        *(SMOKE_SAMPLING_OVERRIDES if smoke and experiment != "vae_pretrain" else []),
+    ]  # fmt: skip
+
+
+def run_all(jobs: list[tuple[str, int, Path]], out: Path, parallel: int, smoke: bool, started: float) -> None:
+    """Run the unfinished (experiment, seed, run directory) jobs, ``parallel`` at a time, each logging
+    to ``<run directory>.log``; raise naming the runs that failed."""
+    pending = [job for job in jobs if not finished(job[2])]
+    for _, _, directory in jobs:
+        if finished(directory):
+            log(f"{directory.name}: finished earlier, skipped", started)
+    running: list[tuple[subprocess.Popen, Path]] = []
+    failed = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            experiment, seed, directory = pending.pop(0)
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            log_file = open(directory.with_suffix(".log"), "a")  # noqa: SIM115 (closed with the process)
+            process = subprocess.Popen(
+                train_command(out, experiment, seed, directory, smoke),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+            log_file.close()
+            running.append((process, directory))
+            log(f"{directory.name}: started", started)
+        time.sleep(0.5)
+        for process, directory in list(running):
+            if process.poll() is not None:
+                running.remove((process, directory))
+                ok = process.returncode == 0 and finished(directory)
+                log(f"{directory.name}: {'done' if ok else f'FAILED (see {directory}.log)'}", started)
+                if not ok:
+                    failed.append(directory.name)
+    if failed:
+        raise RuntimeError(f"runs failed: {', '.join(failed)}; their logs are next to their run directories")
+
+
+def extract(out: Path, run: Path, name: str) -> Path:
+    """``python -m repae.convert extract-vae`` of ``run``'s last checkpoint into ``out/vae/name/``."""
+    vae_file = out / "vae" / name / f"{name}.pt"
+    if not vae_file.is_file():
+        checkpoint = run / "checkpoints" / "last.ckpt"
+        command = [sys.executable, "-m", "repae.convert", "extract-vae", str(checkpoint), "--name", name,
+                   "--save-dir", str(out / "vae")]  # fmt: skip
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return vae_file
+
+
+# --- measuring ----------------------------------------------------------------------------------
+def test_images(smoke: bool) -> torch.Tensor:
+    """The t10k test split as uint8 [N, 3, 32, 32] (the reference and the reconstruction set)."""
+    dataset = FashionMNIST(
+        root=os.environ.get("FASHION_MNIST_ROOT", "/usr/share/datasets/fashion-mnist"),
+        split="test",
+        max_images=SMOKE_TEST_IMAGES if smoke else None,
+    )
+    return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+
+
+@torch.no_grad()
+def effnet_statistics(images: torch.Tensor, extractor: torch.nn.Module, device: torch.device):
+    statistics = FeatureStatistics(extractor.num_features, device=device)
+    for batch in images.split(500):
+        statistics.update(extractor(batch.to(device)))
+    return statistics.compute()
+
+
+@torch.no_grad()
+def measure_vae(vae_file: Path, images: torch.Tensor, reference, extractor, device) -> dict:
+    """rFD-EffNet and PSNR of the reconstructions (decoded posterior means) of ``images``, and the
+    per-channel mean and std of the posterior means over them."""
+    vae = build_vae(VAE_NAME).to(device).eval()
+    load_vae_weights(vae, str(vae_file))
+    recons, latents = [], []
+    for batch in images.split(500):
+        mean = vae.encode(images_to_vae_input(batch.to(device))).mode()
+        latents.append(mean.float().cpu())
+        recon = vae.decode(mean).float().clamp(-1, 1)
+        recons.append(torch.round((recon + 1) * 127.5).to(torch.uint8).cpu())
+    recon = torch.cat(recons)
+    latent = torch.cat(latents)
+    mse = (recon.float() - images.float()).square().mean(dim=(1, 2, 3)).clamp(min=1e-10)
+    channel_means = latent.mean(dim=(0, 2, 3))
+    channel_stds = latent.transpose(0, 1).flatten(1).std(dim=1)
+    return {
+        "rfd_effnet": frechet_distance(*effnet_statistics(recon, extractor, device), *reference),
+        "psnr": float((10 * torch.log10(255.0**2 / mse)).mean()),
+        "latent_mean": float(channel_means.mean()),
+        "latent_std": float(channel_stds.mean()),
+        "latent_channel_means": " ".join(f"{v:.4f}" for v in channel_means.tolist()),
+        "latent_channel_stds": " ".join(f"{v:.4f}" for v in channel_stds.tolist()),
+    }
+
+
+def fd_rows(out: Path, arm: str, seed: int) -> list[dict]:
+    """The FD-EffNet values a run logged (its CSV logger's metrics.csv), one row per step."""
+    rows = []
+    with open(run_dir(out, arm, seed) / "csv" / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            if row.get("fd_effnet"):
+                rows.append(
+                    {
+                        "kind": "fd",
+                        "arm": arm,
+                        "seed": seed,
+                        "step": int(row["step"]),
+                        "fd_effnet": float(row["fd_effnet"]),
+                    }  # fmt: skip
+                )
+    return rows
+
+
+# --- the verdicts (fixed with the protocol, before any result) ---------------------------------
+def fd_table(rows: list[dict]) -> dict[str, dict[int, list[float]]]:
+    """arm -> step -> FD of each seed."""
+    table: dict[str, dict[int, list[float]]] = {}
+    for row in rows:
+        if row["kind"] == "fd":
+            table.setdefault(row["arm"], {}).setdefault(row["step"], []).append(row["fd_effnet"])
+    return table
+
+
+def steps_to_reach(curve: dict[int, float], target: float) -> tuple[str, float]:
+    """The first SiT step at which the (mean) FD ``curve`` reaches ``target``, linearly interpolated in
+    log-step between evaluated points, as (qualifier, step): ``("", s)``, or ``("<=", first step)`` if
+    the first evaluated point already reaches it, ``(">", last step)`` if none does."""
+    steps = sorted(curve)
+    if curve[steps[0]] <= target:
+        return "<=", steps[0]
+    for before, after in itertools.pairwise(steps):
+        if curve[after] <= target:
+            fraction = (curve[before] - target) / (curve[before] - curve[after])
+            return "", math.exp(math.log(before) + fraction * (math.log(after) - math.log(before)))
+    return ">", steps[-1]
+
+
+def verdicts(table: dict[str, dict[int, list[float]]], vaes: dict[str, dict]) -> dict[str, tuple[bool, str]]:
+    """(holds, the numbers it was decided on) for claims (a)-(d), by the rules of docs/reproduction.md."""
+    last = max(table["repae"])
+    mean = {arm: {step: float(np.mean(v)) for step, v in curve.items()} for arm, curve in table.items()}
+    low = {arm: min(table[arm][last]) for arm in table}
+    high = {arm: max(table[arm][last]) for arm in table}
+    a = (
+        mean["repae"][last] < mean["repa"][last] < mean["vanilla"][last]
+        and high["repae"] < low["repa"]
+        and high["repa"] < low["vanilla"]
+    )
+    original = vaes["stage0"]
+
+    def seeds_mean(arm: str, key: str) -> float:
+        return float(np.mean([v[key] for name, v in vaes.items() if name.startswith(f"{arm}_s")]))
+
+    naive_std = seeds_mean("naive_e2e", "latent_std")
+    b = mean["naive_e2e"][last] > mean["repae"][last] and naive_std < original["latent_std"]
+    c = all(mean["repa_e2e_vae"][step] < mean["repa"][step] for step in mean["repa"])
+    psnr, rfd = seeds_mean("repae", "psnr"), seeds_mean("repae", "rfd_effnet")
+    d = psnr >= original["psnr"] - 0.5 and rfd <= 1.1 * original["rfd_effnet"]
+    return {
+        "a": (a, f"FD at {last}: repae {mean['repae'][last]:.3f} [{low['repae']:.3f}, {high['repae']:.3f}], "
+                 f"repa {mean['repa'][last]:.3f} [{low['repa']:.3f}, {high['repa']:.3f}], "
+                 f"vanilla {mean['vanilla'][last]:.3f} [{low['vanilla']:.3f}, {high['vanilla']:.3f}]"),
+        "b": (b, f"FD at {last}: naive_e2e {mean['naive_e2e'][last]:.3f} vs repae {mean['repae'][last]:.3f}; "
+                 f"latent std: naive {naive_std:.4f} vs original {original['latent_std']:.4f}"),
+        "c": (c, "FD repa_e2e_vae vs repa: " + ", ".join(
+            f"{step}: {mean['repa_e2e_vae'][step]:.3f} vs {mean['repa'][step]:.3f}" for step in sorted(mean["repa"]))),
+        "d": (d, f"E2E-VAE PSNR {psnr:.2f} dB vs {original['psnr']:.2f}, "
+                 f"rFD {rfd:.3f} vs {original['rfd_effnet']:.3f}"),
+    }  # fmt: skip
+
+
+# --- outputs ------------------------------------------------------------------------------------
+def write_summary(path: Path, table, vaes, verdict, timing) -> None:
+    steps = sorted({step for curve in table.values() for step in curve})
+    lines = ["# REPA-E in miniature: results", "", "Protocol and rules: docs/reproduction.md.", "",
+             "## FD-EffNet of EMA samples vs the t10k test images (mean ± half the spread over seeds)", "",
+             "| arm | " + " | ".join(f"step {s}" for s in steps) + " |",
+             "|---|" + "---|" * len(steps)]  # fmt: skip
+    for arm in ARMS:
+        cells = []
+        for step in steps:
+            values = table.get(arm, {}).get(step, [])
+            cells.append(f"{np.mean(values):.3f} ± {np.ptp(values) / 2:.3f}" if values else "")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "## (a) steps the vanilla / REPA arms need to reach REPA-E's FD at step N", "",
+              "| N | REPA-E FD | vanilla: steps (ratio) | repa: steps (ratio) |", "|---|---|---|---|"]  # fmt: skip
+    mean = {arm: {s: float(np.mean(v)) for s, v in curve.items()} for arm, curve in table.items()}
+    for n in steps:
+        cells = []
+        for arm in ("vanilla", "repa"):
+            qualifier, needed = steps_to_reach(mean[arm], mean["repae"][n])
+            cells.append(f"{qualifier} {needed:.0f} ({qualifier} {needed / n:.2f}x)".strip())
+        lines.append(f"| {n} | {mean['repae'][n]:.3f} | " + " | ".join(cells) + " |")
+    lines += ["", "## VAEs (t10k test split)", "", "| VAE | rFD-EffNet | PSNR (dB) | latent mean | latent std |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for name, v in vaes.items():
+        lines.append(
+            f"| {name} | {v['rfd_effnet']:.3f} | {v['psnr']:.2f} | {v['latent_mean']:.4f} | {v['latent_std']:.4f} |"
+        )
+    lines += ["", "## Verdicts", ""]
+    for claim, (holds, numbers) in verdict.items():
+        lines.append(f"- ({claim}) {'reproduced' if holds else 'NOT reproduced'}: {numbers}")
+    lines += ["", f"Wall time per stage (s): {json.dumps(timing)}", ""]
+    path.write_text("\n".join(lines))
+
+
+def plot_fd(path: Path, table) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for arm in ARMS:
+        steps = sorted(table.get(arm, {}))
+        if not steps:
+            continue
+        values = [table[arm][s] for s in steps]
+        axes.plot(steps, [np.mean(v) for v in values], marker="o", label=arm)
+        axes.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
+    axes.set_xscale("log")
+    axes.set_xlabel("SiT step")
+    axes.set_ylabel("FD-EffNet (t10k)")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def side_by_side(path: Path, grids: dict[str, Path]) -> None:
+    """The arms' grids (same labels and noise) in one image, each under its arm's name."""
+    images = {arm: Image.open(file).convert("RGB") for arm, file in grids.items()}
+    width = sum(image.width for image in images.values()) + 8 * (len(images) - 1)
+    height = max(image.height for image in images.values()) + 16
+    canvas = Image.new("RGB", (width, height), "white")
+    draw, x = ImageDraw.Draw(canvas), 0
+    for arm, image in images.items():
+        draw.text((x + 2, 2), arm, fill="black")
+        canvas.paste(image, (x, 16))
+        x += image.width + 8
+    canvas.save(path)
+
+
+# --- the study ----------------------------------------------------------------------------------
+def study(out: Path, parallel: int, smoke: bool) -> None:
+    started = time.monotonic()
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    timing: dict[str, float] = {}
+    seeds = SEEDS[:1] if smoke else SEEDS
+    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+
+    def stage(name: str, since: float) -> float:
+        timing[name] = round(time.monotonic() - since, 1)
+        log(f"stage {name}: {timing[name]} s", started)
+        return time.monotonic()
+
+    now = time.monotonic()
+    log("stage reference: EffNet statistics of the t10k test images", started)
+    images = test_images(smoke)
+    extractor = EfficientNetFeatures(EFFNET_RESOLUTION).to(device)
+    reference = effnet_statistics(images, extractor, device)
+    save_reference_statistics(str(out / "reference_t10k_fd_effnet.npz"), *reference)
+    now = stage("reference", now)
+
+    log("stage 0: VAE pre-training", started)
+    stage0 = run_dir(out, "vae_pretrain", 0)
+    run_all([("vae_pretrain", 0, stage0)], out, parallel, smoke, started)
+    extract(out, stage0, "stage0")
+    now = stage("vae_pretrain", now)
+
+    log(f"stage arms: {', '.join(FIRST_ARMS)} x seeds {list(seeds)}", started)
+    run_all(
+        [(arm, s, run_dir(out, arm, s)) for arm in FIRST_ARMS for s in seeds], out, parallel, smoke, started
+    )
+    for arm in TUNED_VAES:
+        for s in seeds:
+            extract(out, run_dir(out, arm, s), f"{arm}_s{s}")
+    now = stage("arms", now)
+
+    log(f"stage repa_e2e_vae x seeds {list(seeds)}", started)
+    run_all(
+        [("repa_e2e_vae", s, run_dir(out, "repa_e2e_vae", s)) for s in seeds], out, parallel, smoke, started
+    )
+    now = stage("repa_e2e_vae", now)
+
+    log("stage measurements: rFD, PSNR, latent statistics of each VAE", started)
+    vae_names = ["stage0", *(f"{arm}_s{s}" for arm in TUNED_VAES for s in seeds)]
+    vaes = {name: measure_vae(out / "vae" / name / f"{name}.pt", images, reference, extractor, device)
+            for name in vae_names}  # fmt: skip
+    rows = [row for arm in ARMS for s in seeds for row in fd_rows(out, arm, s)]
+    rows += [{"kind": "vae", "vae": name, **values} for name, values in vaes.items()]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    table = fd_table(rows)
+    plot_fd(out / "fd_vs_step.png", table)
+    last = max(table["repae"])
+    side_by_side(
+        out / "grids.png", {arm: run_dir(out, arm, seeds[0]) / f"samples_step{last:07d}.png" for arm in ARMS}
+    )
+    now = stage("measurements", now)
+    timing["total"] = round(time.monotonic() - started, 1)
+    write_summary(out / "summary.md", table, vaes, verdicts(table, vaes), timing)
+    (out / "timing.json").write_text(json.dumps(timing, indent=2))
+    log(f"done: {out / 'summary.md'}", started)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("logs/study"), help="the study's directory")
+    parser.add_argument("--parallel", type=int, default=8, help="training processes at a time on the GPU")
+    parser.add_argument("--smoke", action="store_true", help="a couple of CPU steps per stage (the test)")
+    args = parser.parse_args(argv)
+    if args.parallel < 1:
+        raise SystemExit("error: --parallel must be at least 1")
+    try:
+        study(args.out, args.parallel, args.smoke)
+    except (RuntimeError, FileNotFoundError, subprocess.CalledProcessError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The reproduction study (docs/reproduction.md) and the pieces it adds: VAE pre-training
+(``model.mode=vae_only``) and the naive end-to-end ablation (``model.vae_denoising_coeff``)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from repae.convert import extract_vae
+from repae.module import REPAE, to_plain
+from repae.study import ARMS, steps_to_reach
+
+from test_training import a_batch, fit
+
+
+def build(cfg) -> REPAE:
+    torch.manual_seed(0)
+    model = instantiate(to_plain(cfg.model), _recursive_=False)
+    model.load_pretrained()
+    return model.train()
+
+
+def vae_gradients(model: REPAE) -> list[torch.Tensor]:
+    """The VAE's gradients from the VAE loss of one end-to-end step on a fixed batch and seed."""
+    batch = a_batch()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    model._e2e_losses(
+        batch["image"], batch["label"], lambda name, loss: loss.backward() if name == "vae" else None
+    )
+    return [p.grad.clone() for p in model.vae.parameters()]
+
+
+def perturb_sit(model: REPAE) -> None:
+    with torch.no_grad():
+        for p in model.sit.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+
+
+def test_vae_receives_the_denoising_loss_only_with_a_nonzero_vae_denoising_coeff(tiny_config):
+    model = build(tiny_config("model.vae_align_proj_coeff=0"))
+    stop_gradient = vae_gradients(model)
+    perturb_sit(model)
+    # With the coefficient 0 (the default) the SiT does not enter the VAE's gradient at all.
+    assert all(torch.equal(a, b) for a, b in zip(stop_gradient, vae_gradients(model), strict=True))
+
+    model.vae_denoising_coeff = 1.0
+    naive = vae_gradients(model)
+    assert any(not torch.allclose(a, b) for a, b in zip(stop_gradient, naive, strict=True))
+    perturb_sit(model)
+    assert any(not torch.allclose(a, b) for a, b in zip(naive, vae_gradients(model), strict=True))
+    assert all(p.grad is None for p in model.sit.parameters())  # through the frozen SiT only
+
+
+def test_vae_only_trains_vae_and_discriminator_without_a_sit_and_extracts_like_e2e(tiny_config, tmp_path):
+    cfg = tiny_config("model=vae_only", "model.max_train_steps=2", "callbacks.checkpoint.every_n_steps=2")
+    model = build(cfg)
+    assert model.sit is None and len(model.encoders) == 0
+    assert [name for name, _, _ in model.parameter_groups] == ["vae", "disc"]
+    vae_before = [p.clone() for p in model.vae.parameters()]
+    with pytest.warns(UserWarning, match="no SiT"):  # the image grid callback has nothing to sample
+        fit(cfg, model)
+    assert model.step == 2
+    assert any(not torch.equal(a, b) for a, b in zip(vae_before, model.vae.parameters(), strict=True))
+    assert not torch.equal(model.latents_bn.running_var, torch.ones(4))  # the latents' statistics moved
+
+    files = extract_vae(tmp_path / "run" / "checkpoints" / "last.ckpt", "pretrained", tmp_path / "vae")
+    stats = torch.load(files["latents_stats"], weights_only=True)
+    torch.testing.assert_close(stats["latents_bias"].flatten(), model.latents_bn.running_mean)
+    assert set(files) == {"vae", "latents_stats", "discriminator"}
+
+
+def test_steps_to_reach_interpolates_in_log_step():
+    curve = {500: 40.0, 1000: 20.0, 2000: 10.0}
+    assert steps_to_reach(curve, 20.0) == ("", pytest.approx(1000))
+    assert steps_to_reach(curve, 15.0) == ("", pytest.approx(2**0.5 * 1000))
+    assert steps_to_reach(curve, 50.0) == ("<=", 500)
+    assert steps_to_reach(curve, 5.0) == (">", 2000)
+
+
+@pytest.mark.slow  # minutes on 2 busy cores: eight 1280-d Fréchet distances and six training processes
+def test_smoke_study_writes_every_output_with_rows_for_every_arm(tmp_path):
+    out = tmp_path / "study"
+    command = [sys.executable, "-m", "repae.study", "--smoke", "--out", str(out), "--parallel", "4"]
+    result = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name in ("results.csv", "summary.md", "fd_vs_step.png", "grids.png", "timing.json"):
+        assert (out / name).is_file(), name
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {row["arm"] for row in rows if row["kind"] == "fd"} == set(ARMS)
+    assert {row["vae"] for row in rows if row["kind"] == "vae"} == {"stage0", "repae_s0", "naive_e2e_s0"}
+    summary = (out / "summary.md").read_text()
+    assert all(f"- ({claim})" in summary for claim in "abcd")
