@@ -148,16 +148,15 @@ def wait_for(path: str) -> None:
 
 
 def hold_after_step(step: int, ready: str, release: str) -> None:
-    original = REPAE._step_if_finite
+    original = JointStep.step
 
-    def step_then_hold(self, *args, **kwargs):
-        taken = original(self, *args, **kwargs)
-        if self.step + 1 == step:
+    def step_then_hold(self, number: int) -> None:
+        original(self, number)
+        if number == step:
             Path(ready).touch()
             wait_for(release)
-        return taken
 
-    REPAE._step_if_finite = step_then_hold
+    JointStep.step = step_then_hold
 
 
 def touch_at_exit(path: str) -> None:
