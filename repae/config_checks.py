@@ -14,6 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from repae.module import MODES
+
 
 class ConfigValueError(ValueError):
     """A config value of the wrong type or out of range; the message names the key."""
@@ -37,6 +39,7 @@ CHECKS: dict[str, tuple[str, Callable[[Any], bool], str]] = {
     "model.ema_decay": (NUMBER, lambda v: 0 <= v <= 1, "in [0, 1]"),
     "model.proj_coeff": (NUMBER, lambda v: v >= 0, ">= 0"),
     "model.vae_align_proj_coeff": (NUMBER, lambda v: v >= 0, ">= 0"),
+    "model.vae_denoising_coeff": (NUMBER, lambda v: v >= 0, ">= 0"),
     "model.max_grad_norm": (NUMBER, lambda v: v > 0, "> 0"),
     "model.max_consecutive_nonfinite": (INTEGER, lambda v: v > 0, "> 0"),
     "model.optimizer.learning_rate": (NUMBER, lambda v: v >= 0, ">= 0"),
@@ -60,7 +63,7 @@ CHECKS: dict[str, tuple[str, Callable[[Any], bool], str]] = {
     "trainer.log_every_n_steps": (INTEGER, lambda v: v > 0, "> 0"),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.mode": ("e2e", "ldm_only"),
+    "model.mode": MODES,
     "data.on_corrupt": ("error", "skip"),
 }
 KIND_TESTS = {INTEGER: _integer, NUMBER: _number, BOOLEAN: lambda v: isinstance(v, bool)}
