@@ -37,7 +37,7 @@ from repae.run_directory import (
     remove_stale_temporaries,
     write_text_atomically,
 )
-from repae.safe_load import refusal
+from repae.safe_load import load_weights_only, refusal
 from repae.sweep import FINAL_METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -124,9 +124,31 @@ def check_latent_cache(dataset, model, cfg: DictConfig) -> None:
         )
 
 
+def completed_step(cfg: DictConfig) -> int | None:
+    """The step of the run's ``last.ckpt`` if the run is complete (it reached ``model.max_train_steps``)."""
+    last = checkpoint_dir(cfg) / "last.ckpt"
+    if not (cfg.resume and last.is_file()):
+        return None
+    verify_checkpoint(last, records=False)
+    step = int(load_weights_only(last, "the run's last.ckpt", mmap=True)["state_dict"]["train_step"])
+    return step if step >= cfg.model.max_train_steps else None
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit one run; returns the final logged metrics (used by multirun summaries)."""
+    """Fit one run; returns the final logged metrics (used by multirun summaries).
+
+    A complete run is left as it is: re-running its command writes nothing and returns the metrics
+    it ended with. ``final_metrics.json`` is written only when a run completes, so a run stopped early
+    (a requeue signal) is never taken for a finished one.
+    """
     check_training_config(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    if (step := completed_step(cfg)) is not None:
+        print(
+            f"run complete at step {step}: nothing to do ({output_dir}; raise model.max_train_steps to train on)"
+        )
+        final = output_dir / FINAL_METRICS_FILE
+        return json.loads(final.read_text()) if final.is_file() else {}
     pl.seed_everything(cfg.seed, workers=True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.allow_tf32)
     trainer: pl.Trainer = instantiate(
@@ -134,7 +156,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks=instantiate_dict(cfg.callbacks),
         logger=instantiate_dict(cfg.get("logger")) or False,
     )
-    output_dir = Path(cfg.paths.output_dir)
     # Rank 0 holds the lock for the whole run; the other ranks of the run write no run files.
     with RunLock(output_dir) if trainer.is_global_zero else nullcontext():
         if trainer.is_global_zero:
@@ -155,7 +176,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             raise refusal(ckpt_path, error) from None
         report_skipped_samples(datamodule)
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and model.step >= model.max_train_steps:
             write_text_atomically(output_dir / FINAL_METRICS_FILE, json.dumps(metrics, indent=2))
     return metrics
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lightning.pytorch import Callback
+
 from conftest import TINY_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,3 +50,41 @@ def test_the_tensorboard_logger_writes_event_files(tiny_config, tmp_path):
     logger.log_metrics({"sit_loss": 0.5}, step=1)
     logger.finalize("success")
     assert list((Path(cfg.paths.output_dir) / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_rerunning_a_finished_run_changes_no_file_and_says_so_in_one_line(tiny_config, capsys):
+    import hashlib
+
+    from repae.train import train
+
+    cfg = tiny_config("model.max_train_steps=2", "callbacks.checkpoint.every_n_steps=1")
+    metrics = train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+
+    def hashes() -> dict[str, str]:
+        return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(run_dir.rglob("*")) if p.is_file()}  # fmt: skip
+
+    before = hashes()
+    capsys.readouterr()
+    assert train(cfg) == metrics  # a sweep summary reads the same final metrics again
+    assert hashes() == before
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and printed[0].startswith("run complete at step 2: nothing to do")
+
+
+class StopAfterFirstStep(Callback):
+    """Stops training after one step, as a requeue signal or a user's interrupt would."""
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        trainer.should_stop = True
+
+
+def test_a_run_stopped_before_its_last_step_writes_no_final_metrics(tiny_config):
+    from repae.train import train
+
+    cfg = tiny_config(
+        "model.max_train_steps=3", "+callbacks.stop._target_=test_run_output.StopAfterFirstStep"
+    )
+    train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "final_metrics.json").exists()
