@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from repae.convert import extract_vae
+from repae.convert.checkpoints import extract_vae
 from repae.module import REPAE, to_plain
 from repae.study import ARMS, steps_to_reach
 
