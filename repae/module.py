@@ -182,13 +182,14 @@ class REPAE(pl.LightningModule):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.fast_kernels = fast_kernels
 
+        # Built (and registered) in this order: it sets the order of the random initialisations and
+        # of the parameters, which DDP's gradient buckets follow.
+        self.encoders = build_encoders(**to_plain(encoder)) if mode != "vae_only" else nn.ModuleList()
         self.vae = build_model(to_plain(vae), "model.vae")
         if mode == "vae_only":  # no SiT: the latents' BatchNorm alone, for the extracted latents stats
-            self.encoders = nn.ModuleList()
             self.sit = self.ema = None
             self.latents_bn = GlobalBatchNorm2d(self.vae.latent_channels, eps=1e-4, affine=False)
         else:
-            self.encoders = build_encoders(**to_plain(encoder))
             self.sit = build_model(to_plain(sit), "model.sit", z_dims=[e.embed_dim for e in self.encoders])
             self.ema = make_ema(self.sit)
         self.ema_update: EMAUpdate | None = None  # made in on_train_start, for the SiT the strategy holds

@@ -153,7 +153,8 @@ def test_fid_of_a_set_with_itself_is_zero_and_statistics_files_round_trip(
     assert spread > 0.1 and spatial_spread > 0.1  # the random network tells the images apart
     assert abs(metrics["fid"]) < 1e-5 * spread and abs(metrics["sfid"]) < 1e-5 * spatial_spread
     assert metrics["precision"] == metrics["recall"] == 1.0
-    assert metrics["inception_score"] >= 1.0 and np.isfinite(metrics["inception_score"])
+    # IS = exp(mean KL) >= 1 exactly; a random network's near-uniform predictions put it at 1 up to rounding.
+    assert metrics["inception_score"] >= 1.0 - 1e-9 and np.isfinite(metrics["inception_score"])
     assert report["num_samples"] == 6 and report["unavailable"] == {}
     assert json.loads((tmp_path / "metrics.json").read_text())["metrics"] == metrics
 
