@@ -1,6 +1,8 @@
 """Sampling, metric and loss-curve callbacks on a stub REPA-E module with a real Lightning Trainer (CPU)."""
 
 import csv
+import hashlib
+import json
 import os
 import sys
 from types import SimpleNamespace
@@ -399,3 +401,36 @@ def test_the_progress_bar_is_off_when_stdout_is_not_a_terminal(tmp_path, monkeyp
         StubREPAE(), datamodule=RandomImages()
     )
     assert bar.is_disabled
+
+
+def test_the_metric_protocol_is_written_and_a_reference_of_another_resolution_refused(tmp_path):
+    reference_path = str(tmp_path / "reference.npz")
+
+    def metric(resolution):
+        return DistributionMetricCallback(
+            every_n_steps=100,
+            num_samples=4,
+            batch_size=4,
+            reference_stats_path=reference_path,
+            reference_from_datamodule_images=8,
+            effnet_resolution=resolution,
+            mode="ode",
+            num_steps=2,
+            cfg_scale=1.5,
+        )
+
+    trainer = make_trainer(tmp_path, [metric(32)], max_steps=1)
+    trainer.fit(StubREPAE(), datamodule=RandomImages())
+    protocol = json.loads((tmp_path / "fd_effnet_protocol.json").read_text())
+    assert protocol["num_samples"] == 4 and protocol["weights"] == "ema"
+    assert protocol["sampler"]["cfg_scale"] == 1.5 and protocol["sampler"]["num_steps"] == 2
+    assert protocol["feature_extractor"] == "effnet" and protocol["feature_resolution"] == 32
+    assert protocol["reference_sha256"] == hashlib.sha256(open(reference_path, "rb").read()).hexdigest()
+    with open(os.path.join(trainer.logger.log_dir, "hparams.yaml")) as f:
+        assert "fd_effnet_protocol" in f.read()
+    with np.load(reference_path) as reference:  # the reference records what made it
+        assert str(reference["feature_extractor"]) == "effnet" and int(reference["feature_resolution"]) == 32
+
+    trainer = make_trainer(tmp_path / "other", [metric(64)], max_steps=1)
+    with pytest.raises(ValueError, match="made with effnet at 32px, but this evaluation uses effnet at 64px"):
+        trainer.fit(StubREPAE(), datamodule=RandomImages())
