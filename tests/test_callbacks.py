@@ -16,10 +16,13 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
+import repae.callbacks.vae_health as vae_health_module
 from repae.callbacks.loss_curve import LossCurveCallback
 from repae.callbacks.progress import ProgressBar, ProgressLog
 from repae.callbacks.sampling import DistributionMetricCallback, ImageGridCallback, images_to_uint8
+from repae.callbacks.vae_health import VAEHealthCallback
 from repae.metrics import load_reference_statistics
+from repae.modules.vae import build_vae
 
 IMAGE_SIZE = 8
 
@@ -434,3 +437,37 @@ def test_the_metric_protocol_is_written_and_a_reference_of_another_resolution_re
     trainer = make_trainer(tmp_path / "other", [metric(64)], max_steps=1)
     with pytest.raises(ValueError, match="made with effnet at 32px, but this evaluation uses effnet at 64px"):
         trainer.fit(StubREPAE(), datamodule=RandomImages())
+
+
+class StubE2E(StubREPAE):
+    """The stub with a tiny VAE and a perceptual distance, as an end-to-end REPA-E module has."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.vae = build_vae("f4d4-tiny")
+        self.vae_loss = torch.nn.Module()
+        self.vae_loss.perceptual = L1Distance()
+
+
+class L1Distance(torch.nn.Module):
+    def forward(self, x, y):
+        return (x - y).abs().flatten(1).mean(1)
+
+
+def test_vae_health_logs_every_listed_metric_and_draws_its_png(tmp_path, monkeypatch):
+    monkeypatch.setattr(vae_health_module, "frechet_distance", lambda *stats: 1.5)
+    health = VAEHealthCallback(every_n_steps=2, num_images=6, batch_size=4, effnet_resolution=32)
+    module = StubE2E()
+    trainer = make_trainer(tmp_path, [health], max_steps=4)
+    trainer.fit(module, datamodule=RandomImages())
+    rows = [row for row in logged_metrics(trainer) if row.get("vae/psnr")]
+    assert [int(row["step"]) for row in rows] == [2, 4]
+    latent_keys = {f"vae/latent_{kind}_c{c}" for kind in ("mean", "std") for c in range(4)}
+    expected = {"vae/rfd_effnet", "vae/psnr", "vae/ssim", "vae/perceptual", "vae/kl", *latent_keys}
+    assert expected <= {key for key, value in rows[0].items() if value}
+    assert float(rows[0]["vae/rfd_effnet"]) == 1.5 and float(rows[0]["vae/kl"]) > 0
+    assert all(float(rows[0][key]) > 0 for key in latent_keys if "std" in key)
+    assert (tmp_path / "vae_health.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert health.history["psnr"]["steps"] == [2, 4] and health.images.shape == (6, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert module.vae.training  # the measurement leaves the VAE in the mode training set
