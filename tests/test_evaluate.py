@@ -152,6 +152,8 @@ def test_fid_of_a_set_with_itself_is_zero_and_statistics_files_round_trip(
             "sigma": (2048, 2048),
             "mu_s": (2023,),
             "sigma_s": (2023, 2023),
+            "feature_extractor": (),  # the record of what made the statistics
+            "feature_resolution": (),
         }
         spread, spatial_spread = np.trace(stats["sigma"]), np.trace(stats["sigma_s"])
     assert spread > 0.1 and spatial_spread > 0.1  # the random network tells the images apart
