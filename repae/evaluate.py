@@ -38,7 +38,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
@@ -51,9 +51,18 @@ from repae.metrics import (
     InceptionFeatures,
     frechet_distance,
 )
+from repae.protocol import (
+    build_protocol,
+    check_reference,
+    feature_resolution,
+    protocol_differences,
+    reference_record_arrays,
+    sample_count_warning,
+)
 
 INCEPTION_METRICS = ("fid", "sfid", "inception_score", "precision_recall")
 FEATURE_EXTRACTORS = ("inception", "effnet")
+EVALUATION_MODES = ("samples", "reconstruction")
 INCEPTION_WEIGHTS_CONFIG_KEY = "inception_weights_path"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -236,6 +245,104 @@ class Evaluation:
     statistics: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+class InceptionEvaluator:
+    """One Inception network and one reference, prepared once, for any number of sample sets.
+
+    The reference's statistics (or, without them, those of its images) and, for precision and recall,
+    its images' pool features are computed at construction; :meth:`evaluate` then featurises only the
+    samples. A guidance sweep evaluates all its points with one instance.
+    """
+
+    def __init__(
+        self,
+        reference_path: str,
+        weights_path: str | None,
+        metrics: Sequence[str] = INCEPTION_METRICS,
+        batch_size: int = 100,
+        num_workers: int = 0,
+        device: torch.device | str = "cpu",
+        inception_score_splits: int = 10,
+        precision_recall_neighborhood: int = 3,
+    ):
+        unknown = set(metrics) - set(INCEPTION_METRICS)
+        if unknown:
+            raise ValueError(f"Unknown metrics {sorted(unknown)}; choose from {INCEPTION_METRICS}")
+        self.metrics = list(metrics)
+        self.batch_size, self.num_workers, self.device = batch_size, num_workers, device
+        self.inception_score_splits = inception_score_splits
+        self.precision_recall_neighborhood = precision_recall_neighborhood
+        reference = _reference_contents(reference_path)
+        self.reference_fid = _statistics(
+            reference, "mu", "sigma", InceptionFeatures.num_features, reference_path, "Inception pool"
+        )
+        self.reference_sfid = _statistics(
+            reference, "mu_s", "sigma_s", SPATIAL_FEATURES, reference_path, "Inception spatial"
+        )
+        self.extractor = InceptionFeatures(weights_path, INCEPTION_WEIGHTS_CONFIG_KEY).to(device)
+        needs_reference_images = (
+            "precision_recall" in metrics
+            or ("fid" in metrics and self.reference_fid is None)
+            or ("sfid" in metrics and self.reference_sfid is None)
+        )
+        self.reference_features = None
+        if needs_reference_images and reference["has_images"]:
+            _, batches = image_batches(reference_path, batch_size)
+            self.reference_features = inception_features(
+                batches, self.extractor, device, keep_pool="precision_recall" in metrics
+            )
+            if self.reference_fid is None:
+                self.reference_fid = self.reference_features.pool_statistics.compute()
+            if self.reference_sfid is None:
+                self.reference_sfid = self.reference_features.spatial_statistics.compute()
+
+    def evaluate(self, samples_path: str) -> Evaluation:
+        """The metrics of the images of ``samples_path`` (npz or folder) against the reference."""
+        metrics, device = self.metrics, self.device
+        result = Evaluation()
+        result.num_samples, batches = image_batches(samples_path, self.batch_size, self.num_workers)
+        samples = inception_features(
+            batches,
+            self.extractor,
+            device,
+            keep_pool="precision_recall" in metrics,
+            keep_logits="inception_score" in metrics,
+        )
+        sample_fid, sample_sfid = samples.pool_statistics.compute(), samples.spatial_statistics.compute()
+        result.statistics = {
+            "mu": sample_fid[0],
+            "sigma": sample_fid[1],
+            "mu_s": sample_sfid[0],
+            "sigma_s": sample_sfid[1],
+        }
+
+        if "fid" in metrics:
+            if self.reference_fid is None:
+                result.unavailable["fid"] = "the reference has neither mu/sigma nor images (arr_0)"
+            else:
+                result.metrics["fid"] = frechet_distance(*sample_fid, *self.reference_fid)
+        if "sfid" in metrics:
+            if self.reference_sfid is None:
+                result.unavailable["sfid"] = "the reference has neither mu_s/sigma_s nor images (arr_0)"
+            else:
+                result.metrics["sfid"] = frechet_distance(*sample_sfid, *self.reference_sfid)
+        if "inception_score" in metrics:
+            mean, std = inception_score(torch.cat(samples.logits), self.inception_score_splits)
+            result.metrics["inception_score"], result.metrics["inception_score_std"] = mean, std
+        if "precision_recall" in metrics:
+            if self.reference_features is None:
+                reason = "the reference has no images (arr_0)"
+                result.unavailable["precision"] = result.unavailable["recall"] = reason
+            else:
+                # The pairwise distances are the costly part (50K x 50K for the sample radii): on the device.
+                precision, recall = precision_recall(
+                    torch.cat(samples.pool).to(device),
+                    torch.cat(self.reference_features.pool).to(device),
+                    self.precision_recall_neighborhood,
+                )
+                result.metrics["precision"], result.metrics["recall"] = precision, recall
+        return result
+
+
 def inception_metrics(
     samples_path: str,
     reference_path: str,
@@ -248,76 +355,17 @@ def inception_metrics(
     precision_recall_neighborhood: int = 3,
 ) -> Evaluation:
     """FID, sFID, Inception Score and precision/recall of ``samples_path`` against ``reference_path``."""
-    unknown = set(metrics) - set(INCEPTION_METRICS)
-    if unknown:
-        raise ValueError(f"Unknown metrics {sorted(unknown)}; choose from {INCEPTION_METRICS}")
-    reference = _reference_contents(reference_path)
-    reference_fid = _statistics(
-        reference, "mu", "sigma", InceptionFeatures.num_features, reference_path, "Inception pool"
-    )
-    reference_sfid = _statistics(
-        reference, "mu_s", "sigma_s", SPATIAL_FEATURES, reference_path, "Inception spatial"
-    )
-    extractor = InceptionFeatures(weights_path, INCEPTION_WEIGHTS_CONFIG_KEY).to(device)
-    result = Evaluation()
-    needs_reference_images = (
-        "precision_recall" in metrics
-        or ("fid" in metrics and reference_fid is None)
-        or ("sfid" in metrics and reference_sfid is None)
-    )
-    reference_features = None
-    if needs_reference_images and reference["has_images"]:
-        _, batches = image_batches(reference_path, batch_size)
-        reference_features = inception_features(
-            batches, extractor, device, keep_pool="precision_recall" in metrics
-        )
-        if reference_fid is None:
-            reference_fid = reference_features.pool_statistics.compute()
-        if reference_sfid is None:
-            reference_sfid = reference_features.spatial_statistics.compute()
-
-    result.num_samples, batches = image_batches(samples_path, batch_size, num_workers)
-    samples = inception_features(
-        batches,
-        extractor,
+    evaluator = InceptionEvaluator(
+        reference_path,
+        weights_path,
+        metrics,
+        batch_size,
+        num_workers,
         device,
-        keep_pool="precision_recall" in metrics,
-        keep_logits="inception_score" in metrics,
+        inception_score_splits,
+        precision_recall_neighborhood,
     )
-    sample_fid, sample_sfid = samples.pool_statistics.compute(), samples.spatial_statistics.compute()
-    result.statistics = {
-        "mu": sample_fid[0],
-        "sigma": sample_fid[1],
-        "mu_s": sample_sfid[0],
-        "sigma_s": sample_sfid[1],
-    }
-
-    if "fid" in metrics:
-        if reference_fid is None:
-            result.unavailable["fid"] = "the reference has neither mu/sigma nor images (arr_0)"
-        else:
-            result.metrics["fid"] = frechet_distance(*sample_fid, *reference_fid)
-    if "sfid" in metrics:
-        if reference_sfid is None:
-            result.unavailable["sfid"] = "the reference has neither mu_s/sigma_s nor images (arr_0)"
-        else:
-            result.metrics["sfid"] = frechet_distance(*sample_sfid, *reference_sfid)
-    if "inception_score" in metrics:
-        mean, std = inception_score(torch.cat(samples.logits), inception_score_splits)
-        result.metrics["inception_score"], result.metrics["inception_score_std"] = mean, std
-    if "precision_recall" in metrics:
-        if reference_features is None:
-            reason = "the reference has no images (arr_0)"
-            result.unavailable["precision"] = result.unavailable["recall"] = reason
-        else:
-            # The pairwise distances are the costly part (50K x 50K for the sample radii): on the device.
-            precision, recall = precision_recall(
-                torch.cat(samples.pool).to(device),
-                torch.cat(reference_features.pool).to(device),
-                precision_recall_neighborhood,
-            )
-            result.metrics["precision"], result.metrics["recall"] = precision, recall
-    return result
+    return evaluator.evaluate(samples_path)
 
 
 def effnet_metrics(
@@ -369,10 +417,53 @@ def resolve_device(device: str) -> torch.device:
     )
 
 
-def print_table(cfg: DictConfig, evaluation: Evaluation) -> None:
+def samples_protocol(samples_path: str) -> dict:
+    """The protocol ``repae.generate`` wrote beside the samples (``<sample_dir>.json``), or ``{}``."""
+    path = protocol_path_of(samples_path)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def protocol_path_of(samples_path: str | Path) -> Path:
+    """``<sample_dir>.json`` for a folder or its ``<sample_dir>.npz``: the protocol of those samples."""
+    path = Path(str(samples_path).rstrip("/"))
+    return path.with_suffix(".json") if path.suffix == ".npz" else Path(f"{path}.json")
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """``(H, W)`` of the images of an ADM npz or of the first image of a folder."""
+    if os.path.isdir(path):
+        return tuple(SampleFolder(path)[0].shape[:2])
+    return tuple(npz_images_shape(path)[1:3])
+
+
+def reference_warnings(cfg: DictConfig, resolution: int) -> list[str]:
+    """Refuse a reference made with another extractor or resolution; warnings for what cannot be checked
+    (an unrecorded reference) and for reference images of another size than the samples."""
+    reference = _reference_contents(cfg.reference_path)
+    uses_statistics = "mu" in reference and (
+        cfg.feature_extractor == "inception" or reference["mu"].shape == (EfficientNetFeatures.num_features,)
+    )
+    found = []
+    if uses_statistics:
+        found.append(check_reference(cfg.reference_path, cfg.feature_extractor, resolution))
+    if reference["has_images"]:
+        samples_size, reference_size = image_size(cfg.samples_path), image_size(cfg.reference_path)
+        if samples_size != reference_size:
+            found.append(
+                f"the samples are {samples_size[0]}x{samples_size[1]}px, the reference images "
+                f"{reference_size[0]}x{reference_size[1]}px: the extractor sees them at different sharpness"
+            )
+    return [warning for warning in found if warning]
+
+
+def print_report(title_lines: Sequence[str], protocol: Mapping, evaluation: Evaluation, warnings_: list[str]):
+    """The protocol, then the metrics as a table, then the warnings (on stderr)."""
     console = Console()
-    console.print(f"samples:   {cfg.samples_path} ({evaluation.num_samples} images)")
-    console.print(f"reference: {cfg.reference_path}")
+    for line in title_lines:
+        console.print(line, highlight=False)
+    console.print("protocol:", highlight=False)
+    for key, value in protocol.items():
+        console.print(f"  {key}: {value}", highlight=False)
     table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -381,20 +472,15 @@ def print_table(cfg: DictConfig, evaluation: Evaluation) -> None:
     for name, reason in evaluation.unavailable.items():
         table.add_row(name, f"n/a: {reason}")
     console.print(table)
+    errors = Console(stderr=True)
+    for warning in warnings_:
+        errors.print(f"warning: {warning}", highlight=False)
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    """Compute the metrics of ``cfg``, print them as a table and write ``cfg.metrics_path`` (JSON)."""
-    if cfg.feature_extractor not in FEATURE_EXTRACTORS:
-        raise ValueError(
-            f"feature_extractor must be one of {FEATURE_EXTRACTORS}, got {cfg.feature_extractor!r}"
-        )
-    # Full float32 matmuls and convolutions: TF32 (PyTorch's default for cuDNN) shifts the features.
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    device = resolve_device(cfg.device)
+def sample_metrics(cfg: DictConfig, device: torch.device) -> Evaluation:
+    """The metrics of ``cfg.samples_path`` against ``cfg.reference_path`` with ``cfg.feature_extractor``."""
     if cfg.feature_extractor == "inception":
-        evaluation = inception_metrics(
+        return inception_metrics(
             cfg.samples_path,
             cfg.reference_path,
             cfg.inception_weights_path,
@@ -405,16 +491,75 @@ def evaluate(cfg: DictConfig) -> dict:
             cfg.inception_score_splits,
             cfg.precision_recall_neighborhood,
         )
-    else:
-        evaluation = effnet_metrics(
-            cfg.samples_path,
-            cfg.reference_path,
-            cfg.effnet_resolution,
-            cfg.batch_size,
-            cfg.num_workers,
-            device,
+    return effnet_metrics(
+        cfg.samples_path, cfg.reference_path, cfg.effnet_resolution, cfg.batch_size, cfg.num_workers, device
+    )
+
+
+def evaluation_protocol(cfg: DictConfig, num_samples: int, checkpoint_path: str | None = None) -> dict:
+    """This evaluation's protocol record, completed with the generation's (samples' JSON) where unknown."""
+    own = build_protocol(
+        num_samples=num_samples,
+        checkpoint_path=checkpoint_path,
+        reference_path=cfg.reference_path,
+        inception_weights_path=cfg.inception_weights_path,
+        feature_extractor=cfg.feature_extractor,
+        feature_resolution=feature_resolution(cfg.feature_extractor, cfg.effnet_resolution),
+    )
+    generation = samples_protocol(cfg.samples_path) if cfg.mode == "samples" else {}
+    return {key: generation.get(key) if value is None else value for key, value in own.items()}
+
+
+def comparison_warnings(cfg: DictConfig, protocol: Mapping, metrics: Mapping) -> list[str]:
+    """FID-50K sample count, and the fields in which ``cfg.compare_with`` (a metrics JSON) differs."""
+    found = [sample_count_warning(protocol, metrics)]
+    if cfg.compare_with:
+        if not os.path.isfile(cfg.compare_with):
+            raise FileNotFoundError(f"compare_with: no metrics JSON at {cfg.compare_with!r}")
+        other = json.loads(Path(cfg.compare_with).read_text()).get("protocol", {})
+        found += [
+            f"{cfg.compare_with} was measured with another {difference}"
+            for difference in protocol_differences(protocol, other)
+        ]
+    return [warning for warning in found if warning]
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Compute the metrics of ``cfg``, print them with their protocol and write ``cfg.metrics_path`` (JSON)."""
+    if cfg.feature_extractor not in FEATURE_EXTRACTORS:
+        raise ValueError(
+            f"feature_extractor must be one of {FEATURE_EXTRACTORS}, got {cfg.feature_extractor!r}"
         )
-    print_table(cfg, evaluation)
+    if cfg.mode not in EVALUATION_MODES:
+        raise ValueError(f"mode must be one of {EVALUATION_MODES}, got {cfg.mode!r}")
+    # Full float32 matmuls and convolutions: TF32 (PyTorch's default for cuDNN) shifts the features.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    device = resolve_device(cfg.device)
+    resolution = feature_resolution(cfg.feature_extractor, cfg.effnet_resolution)
+    if cfg.mode == "samples":
+        for key in ("samples_path", "reference_path"):
+            if not cfg[key]:
+                raise ValueError(f"set `{key}` (mode=samples)")
+        found = reference_warnings(cfg, resolution)
+        evaluation = sample_metrics(cfg, device)
+        protocol = evaluation_protocol(cfg, evaluation.num_samples)
+        title = [f"samples:   {cfg.samples_path} ({evaluation.num_samples} images)"]
+    else:
+        from repae.reconstruction import reconstruction_metrics
+
+        for key in ("vae_path", "images_path"):
+            if not cfg.reconstruction[key]:
+                raise ValueError(f"set `reconstruction.{key}` (mode=reconstruction)")
+        found = []
+        evaluation = reconstruction_metrics(cfg, device)
+        protocol = evaluation_protocol(
+            cfg, evaluation.num_samples, checkpoint_path=cfg.reconstruction.vae_path
+        )
+        protocol["reconstruction"] = OmegaConf.to_container(cfg.reconstruction, resolve=True)
+        title = [f"VAE:       {cfg.reconstruction.vae_path}", f"images:    {cfg.reconstruction.images_path}"]
+    found += comparison_warnings(cfg, protocol, evaluation.metrics)
+    print_report([*title, f"reference: {cfg.reference_path}"], protocol, evaluation, found)
     report = {
         "metrics": evaluation.metrics,
         "unavailable": evaluation.unavailable,
@@ -422,18 +567,27 @@ def evaluate(cfg: DictConfig) -> dict:
         "samples_path": str(cfg.samples_path),
         "reference_path": str(cfg.reference_path),
         "feature_extractor": cfg.feature_extractor,
+        "protocol": protocol,
+        "warnings": found,
     }
     Path(cfg.metrics_path).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.metrics_path).write_text(json.dumps(report, indent=2))
     if cfg.statistics_path:
         Path(cfg.statistics_path).parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cfg.statistics_path, **evaluation.statistics)
+        np.savez(
+            cfg.statistics_path,
+            **evaluation.statistics,
+            **reference_record_arrays(cfg.feature_extractor, resolution),
+        )
     return report
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    try:
+        evaluate(cfg)
+    except (FileNotFoundError, ValueError) as error:  # bad input: one line, no traceback
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

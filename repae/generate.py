@@ -2,7 +2,7 @@
 
 Writes ``<sample_dir>/{index:06d}.png`` for every index in ``[0, num_samples)`` and packs them into
 ``<sample_dir>.npz`` (ADM format: ``arr_0`` uint8 [N, H, W, 3]), the input of ``repae.evaluate`` and of
-the ADM TensorFlow evaluator.
+the ADM TensorFlow evaluator, with their protocol record (``repae.protocol``) in ``<sample_dir>.json``.
 
 Every image is a deterministic function of ``(global_seed, index)`` and the settings:
 
@@ -56,12 +56,13 @@ from tqdm.auto import tqdm
 from repae.config import build_model
 from repae.convert.checkpoints import SAFE_GLOBALS
 from repae.convert.official import official_config
-from repae.evaluate import npz_images_shape
+from repae.evaluate import npz_images_shape, protocol_path_of
 from repae.known_noise import silence_known_noise
 from repae.modules.samplers import generate_images
 from repae.modules.sit import build_sit, projector_dims
 from repae.modules.state_dict import check_state_dict, sub_state_dict
 from repae.modules.vae import build_vae, load_checked_state_dict
+from repae.protocol import build_protocol
 from repae.safe_load import load_weights_only
 
 LABEL_SAMPLINGS = ("equal", "random")
@@ -394,7 +395,22 @@ def generate(cfg: DictConfig, model: SamplingModel | None = None) -> Path:
     if sampled or not npz_path.is_file() or npz_images_shape(str(npz_path))[0] != cfg.num_samples:
         write_npz(sample_dir, cfg.num_samples, npz_path)
         rank_zero_info(f"Wrote {npz_path} (arr_0: {cfg.num_samples} images)")
+    protocol_path_of(sample_dir).write_text(json.dumps(generation_protocol(cfg), indent=2))
     return npz_path
+
+
+def generation_protocol(cfg: DictConfig) -> dict:
+    """The protocol record of the samples of ``cfg`` (``<sample_dir>.json``, read by ``repae.evaluate``)."""
+    return build_protocol(
+        num_samples=cfg.num_samples,
+        label_sampling=cfg.label_sampling,
+        sampler=OmegaConf.to_container(cfg.sampler, resolve=True),
+        seeds={"global_seed": cfg.global_seed},
+        precision=f"{cfg.trainer.precision}{' + tf32' if cfg.tf32 else ''}",
+        compile=cfg.compile,
+        use_ema=cfg.use_ema,
+        checkpoint_path=OmegaConf.select(cfg, "ckpt_path", throw_on_missing=False),
+    )
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")

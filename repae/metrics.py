@@ -240,9 +240,10 @@ def load_reference_statistics(
     return feature_statistics_of_images(images, feature_extractor, batch_size=batch_size, device=device)
 
 
-def save_reference_statistics(path: str, mu, sigma) -> None:
-    """Write ``mu`` [D] and ``sigma`` [D, D] as float64 into an ADM-style ``.npz``."""
+def save_reference_statistics(path: str, mu, sigma, **record: np.ndarray) -> None:
+    """Write ``mu`` [D] and ``sigma`` [D, D] as float64 into an ADM-style ``.npz``, with the ``record``
+    arrays (the extractor and resolution, ``repae.protocol.reference_record_arrays``)."""
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
-    np.savez(path, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64))
+    np.savez(path, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64), **record)

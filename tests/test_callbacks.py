@@ -1,6 +1,8 @@
 """Sampling, metric and loss-curve callbacks on a stub REPA-E module with a real Lightning Trainer (CPU)."""
 
 import csv
+import hashlib
+import json
 import os
 import sys
 from types import SimpleNamespace
@@ -14,10 +16,13 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
+import repae.callbacks.vae_health as vae_health_module
 from repae.callbacks.loss_curve import LossCurveCallback
 from repae.callbacks.progress import ProgressBar, ProgressLog
 from repae.callbacks.sampling import DistributionMetricCallback, ImageGridCallback, images_to_uint8
+from repae.callbacks.vae_health import VAEHealthCallback
 from repae.metrics import load_reference_statistics
+from repae.modules.vae import build_vae
 
 IMAGE_SIZE = 8
 
@@ -399,3 +404,77 @@ def test_the_progress_bar_is_off_when_stdout_is_not_a_terminal(tmp_path, monkeyp
         StubREPAE(), datamodule=RandomImages()
     )
     assert bar.is_disabled
+
+
+def test_the_metric_protocol_is_written_and_a_reference_of_another_resolution_refused(tmp_path):
+    reference_path = str(tmp_path / "reference.npz")
+
+    def metric(resolution):
+        return DistributionMetricCallback(
+            every_n_steps=100,
+            num_samples=4,
+            batch_size=4,
+            reference_stats_path=reference_path,
+            reference_from_datamodule_images=8,
+            effnet_resolution=resolution,
+            mode="ode",
+            num_steps=2,
+            cfg_scale=1.5,
+        )
+
+    trainer = make_trainer(tmp_path, [metric(32)], max_steps=1)
+    trainer.fit(StubREPAE(), datamodule=RandomImages())
+    protocol = json.loads((tmp_path / "fd_effnet_protocol.json").read_text())
+    assert protocol["num_samples"] == 4 and protocol["weights"] == "ema"
+    assert protocol["sampler"]["cfg_scale"] == 1.5 and protocol["sampler"]["num_steps"] == 2
+    assert protocol["feature_extractor"] == "effnet" and protocol["feature_resolution"] == 32
+    assert protocol["reference_sha256"] == hashlib.sha256(open(reference_path, "rb").read()).hexdigest()
+    with open(os.path.join(trainer.logger.log_dir, "hparams.yaml")) as f:
+        assert "fd_effnet_protocol" in f.read()
+    with np.load(reference_path) as reference:  # the reference records what made it
+        assert str(reference["feature_extractor"]) == "effnet" and int(reference["feature_resolution"]) == 32
+
+    trainer = make_trainer(tmp_path / "other", [metric(64)], max_steps=1)
+    with pytest.raises(ValueError, match="made with effnet at 32px, but this evaluation uses effnet at 64px"):
+        trainer.fit(StubREPAE(), datamodule=RandomImages())
+
+
+class StubE2E(StubREPAE):
+    """The stub with a tiny VAE and a perceptual distance, as an end-to-end REPA-E module has."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.vae = build_vae("f4d4-tiny")
+        self.vae_loss = torch.nn.Module()
+        self.vae_loss.perceptual = L1Distance()
+
+
+class L1Distance(torch.nn.Module):
+    def forward(self, x, y):
+        return (x - y).abs().flatten(1).mean(1)
+
+
+def test_vae_health_logs_every_listed_metric_and_draws_its_png(tmp_path, monkeypatch):
+    monkeypatch.setattr(vae_health_module, "frechet_distance", lambda *stats: 1.5)
+    health = VAEHealthCallback(every_n_steps=2, num_images=6, batch_size=4, effnet_resolution=32)
+    module = StubE2E()
+    trainer = make_trainer(tmp_path, [health], max_steps=4)
+    trainer.fit(module, datamodule=RandomImages())
+    rows = [row for row in logged_metrics(trainer) if row.get("vae/psnr")]
+    assert [int(row["step"]) for row in rows] == [2, 4]
+    latent_keys = {f"vae/latent_{kind}_c{c}" for kind in ("mean", "std") for c in range(4)}
+    expected = {"vae/rfd_effnet", "vae/psnr", "vae/ssim", "vae/perceptual", "vae/kl", *latent_keys}
+    assert expected <= {key for key, value in rows[0].items() if value}
+    assert float(rows[0]["vae/rfd_effnet"]) == 1.5 and float(rows[0]["vae/kl"]) > 0
+    assert all(float(rows[0][key]) > 0 for key in latent_keys if "std" in key)
+    assert (tmp_path / "vae_health.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert health.history["psnr"]["steps"] == [2, 4] and health.images.shape == (6, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert module.vae.training  # the measurement leaves the VAE in the mode training set
+
+
+def test_vae_health_with_a_missing_inception_file_is_an_error_naming_its_key(tmp_path):
+    from repae.callbacks.vae_health import VAEHealthCallback
+
+    with pytest.raises(FileNotFoundError, match="callbacks.vae_health.inception_weights_path"):
+        VAEHealthCallback(every_n_steps=10, inception_weights_path=str(tmp_path / "missing.pth"))

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -24,6 +27,7 @@ from repae.evaluate import (
     precision_recall,
 )
 from repae.metrics import InceptionFeatures, frechet_distance
+from repae.protocol import build_protocol, protocol_differences, sample_count_warning
 
 from conftest import CONF_DIR
 
@@ -148,6 +152,8 @@ def test_fid_of_a_set_with_itself_is_zero_and_statistics_files_round_trip(
             "sigma": (2048, 2048),
             "mu_s": (2023,),
             "sigma_s": (2023, 2023),
+            "feature_extractor": (),  # the record of what made the statistics
+            "feature_resolution": (),
         }
         spread, spatial_spread = np.trace(stats["sigma"]), np.trace(stats["sigma_s"])
     assert spread > 0.1 and spatial_spread > 0.1  # the random network tells the images apart
@@ -289,3 +295,104 @@ def test_reference_statistics_of_another_feature_extractor_are_rejected(inceptio
                 tmp_path, tmp_path / "images.npz", tmp_path / "images.npz", "feature_extractor=vgg"
             )
         )
+
+
+EFFNET_32 = ["feature_extractor=effnet", "effnet_resolution=32", "inception_weights_path=/none"]
+
+
+def test_the_protocol_is_written_with_the_metrics_and_completed_from_the_samples_json(
+    fast_frechet_distance, tmp_path
+):
+    np.savez(tmp_path / "samples.npz", arr_0=smooth_images(6, seed=0))
+    np.savez(tmp_path / "reference.npz", arr_0=smooth_images(6, seed=1))
+    (tmp_path / "samples.json").write_text(
+        json.dumps({"label_sampling": "random", "seeds": {"global_seed": 3}})
+    )
+    report = evaluate(
+        evaluate_config(tmp_path, tmp_path / "samples.npz", tmp_path / "reference.npz", *EFFNET_32)
+    )
+    protocol = json.loads((tmp_path / "metrics.json").read_text())["protocol"]
+    assert protocol == report["protocol"]
+    expected_fields = {
+        "num_samples", "label_sampling", "sampler", "seeds", "precision", "compile", "weights",
+        "checkpoint_sha256", "reference_sha256", "inception_sha256", "feature_extractor",
+        "feature_resolution", "repae_version", "git_commit", "torch_version",
+    }  # fmt: skip
+    assert expected_fields <= set(protocol)
+    assert protocol["num_samples"] == 6 and protocol["label_sampling"] == "random"
+    assert protocol["seeds"] == {"global_seed": 3}
+    assert protocol["feature_extractor"] == "effnet" and protocol["feature_resolution"] == 32
+    assert (
+        protocol["reference_sha256"] == hashlib.sha256((tmp_path / "reference.npz").read_bytes()).hexdigest()
+    )
+
+
+def test_a_reference_of_another_extractor_or_resolution_is_refused_and_an_unrecorded_one_warned(
+    fast_frechet_distance, tmp_path, capsys
+):
+    np.savez(tmp_path / "samples.npz", arr_0=smooth_images(6, seed=0))
+    np.savez(tmp_path / "real.npz", arr_0=smooth_images(6, seed=1))
+    # The reference statistics file records the extractor and resolution it was made with.
+    cfg = evaluate_config(
+        tmp_path,
+        tmp_path / "real.npz",
+        tmp_path / "real.npz",
+        *EFFNET_32,
+        f"statistics_path={tmp_path}/ref.npz",
+    )
+    evaluate(cfg)
+    with np.load(tmp_path / "ref.npz") as reference:
+        assert str(reference["feature_extractor"]) == "effnet" and int(reference["feature_resolution"]) == 32
+    same = evaluate(evaluate_config(tmp_path, tmp_path / "samples.npz", tmp_path / "ref.npz", *EFFNET_32))
+    assert same["warnings"] == []
+    other_resolution = [*EFFNET_32, "effnet_resolution=64"]
+    with pytest.raises(ValueError, match="made with effnet at 32px, but this evaluation uses effnet at 64px"):
+        evaluate(evaluate_config(tmp_path, tmp_path / "samples.npz", tmp_path / "ref.npz", *other_resolution))
+    # From the command line: one error line and a non-zero exit.
+    command = [
+        sys.executable, "-m", "repae.evaluate", f"samples_path={tmp_path}/samples.npz",
+        f"reference_path={tmp_path}/ref.npz", *other_resolution, f"hydra.run.dir={tmp_path}/run", "device=cpu",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0
+    assert (
+        result.stderr.strip().splitlines()[-1].startswith("error: the reference") and "64px" in result.stderr
+    )
+
+    # Statistics without a record (as ADM's files): a warning naming what cannot be checked.
+    with np.load(tmp_path / "ref.npz") as reference:
+        np.savez(tmp_path / "unrecorded.npz", mu=reference["mu"], sigma=reference["sigma"])
+    report = evaluate(
+        evaluate_config(tmp_path, tmp_path / "samples.npz", tmp_path / "unrecorded.npz", *EFFNET_32)
+    )
+    assert (
+        len(report["warnings"]) == 1 and "cannot check that they are effnet at 32px" in report["warnings"][0]
+    )
+    assert "warning: " in capsys.readouterr().err
+
+
+def test_comparing_with_a_result_of_another_reference_warns(fast_frechet_distance, tmp_path):
+    np.savez(tmp_path / "samples.npz", arr_0=smooth_images(6, seed=0))
+    np.savez(tmp_path / "reference_a.npz", arr_0=smooth_images(6, seed=1))
+    np.savez(tmp_path / "reference_b.npz", arr_0=smooth_images(6, seed=2))
+    first = tmp_path / "first"
+    evaluate(evaluate_config(first, tmp_path / "samples.npz", tmp_path / "reference_a.npz", *EFFNET_32))
+    compare = f"compare_with={first}/metrics.json"
+    same = evaluate(
+        evaluate_config(tmp_path, tmp_path / "samples.npz", tmp_path / "reference_a.npz", *EFFNET_32, compare)
+    )
+    assert same["warnings"] == []
+    other = evaluate(
+        evaluate_config(tmp_path, tmp_path / "samples.npz", tmp_path / "reference_b.npz", *EFFNET_32, compare)
+    )
+    assert len(other["warnings"]) == 1 and "reference_sha256" in other["warnings"][0]
+
+
+def test_fid_of_fewer_than_50k_samples_and_fid_changing_differences_are_named():
+    protocol = build_protocol(num_samples=10_000, feature_extractor="inception", feature_resolution=299)
+    assert "FID-50K" in sample_count_warning(protocol, {"fid": 2.0})
+    assert sample_count_warning({**protocol, "num_samples": 50_000}, {"fid": 2.0}) is None
+    other = {**protocol, "label_sampling": "random", "seeds": {"global_seed": 1}}
+    assert protocol_differences({**protocol, "label_sampling": "equal"}, other) == [
+        "label_sampling: equal vs random"
+    ]

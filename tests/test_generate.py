@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -310,3 +312,21 @@ def test_unknown_or_missing_checkpoints_are_rejected_clearly(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="neither"):
         load_sampling_model(str(tmp_path / "other.pt"))
+
+
+def test_the_protocol_of_the_samples_is_written_beside_them(tiny_checkpoint, tmp_path):
+    sample_dir = tmp_path / "samples"
+    generate(generate_config(tiny_checkpoint, sample_dir, "num_samples=2", "sampler.cfg_scale=1.5"))
+    protocol = json.loads((tmp_path / "samples.json").read_text())
+    assert protocol["num_samples"] == 2 and protocol["label_sampling"] == "equal"
+    assert protocol["sampler"] == {
+        "mode": "sde",
+        "num_steps": 3,
+        "heun": False,
+        "cfg_scale": 1.5,
+        "guidance_interval": [0.0, 1.0],
+    }
+    assert protocol["seeds"] == {"global_seed": 0} and protocol["weights"] == "ema"
+    assert protocol["precision"] == "32-true + tf32" and protocol["compile"] is False
+    assert protocol["checkpoint_sha256"] == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
+    assert protocol["torch_version"] == torch.__version__ and protocol["git_commit"]

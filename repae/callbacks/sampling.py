@@ -17,6 +17,7 @@ so the sampling noise is reproducible too.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -38,6 +39,7 @@ from repae.metrics import (
     load_reference_statistics,
     save_reference_statistics,
 )
+from repae.protocol import build_protocol, check_reference, feature_resolution, reference_record_arrays
 
 REFERENCE_STATS_CONFIG_KEY = "callbacks.fid.reference_stats_path"
 REFERENCE_IMAGES_CONFIG_KEY = "callbacks.fid.reference_from_datamodule_images"
@@ -255,6 +257,7 @@ class DistributionMetricCallback(Callback):
             return self.reference
         path = self.reference_stats_path
         if path is not None and os.path.isfile(path):
+            check_reference_record(self, path)
             self.reference = load_reference_statistics(
                 path, self._extractor(pl_module.device), self.batch_size, pl_module.device
             )
@@ -264,7 +267,7 @@ class DistributionMetricCallback(Callback):
             )
             self.reference = trainer.strategy.broadcast(reference, src=0)
             if trainer.is_global_zero and path is not None:
-                save_reference_statistics(path, *self.reference)
+                save_reference_statistics(path, *self.reference, **reference_record(self))
         else:
             raise FileNotFoundError(
                 f"Reference statistics {path!r} not found. Point `{REFERENCE_STATS_CONFIG_KEY}` at an npz with "
@@ -347,6 +350,7 @@ class DistributionMetricCallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics({self.metric_name: value}, step=step)
         trainer.callback_metrics[self.metric_name] = torch.tensor(value)
+        write_metric_protocol(self, trainer, pl_module)
         return value
 
     def _maybe_evaluate(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -365,3 +369,57 @@ class DistributionMetricCallback(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if self.enabled:
             self._maybe_evaluate(trainer, pl_module)
+
+
+# --- the protocol of the Fréchet distances this callback logs (repae/protocol.py) --------------------
+def _resolution(callback: DistributionMetricCallback) -> int:
+    return feature_resolution(callback.feature_extractor_name, callback.effnet_resolution)
+
+
+def reference_record(callback: DistributionMetricCallback) -> dict[str, np.ndarray]:
+    """The arrays that record this callback's extractor and resolution in the reference file it writes."""
+    return reference_record_arrays(callback.feature_extractor_name, _resolution(callback))
+
+
+def check_reference_record(callback: DistributionMetricCallback, path: str) -> None:
+    """Refuse reference statistics made with another extractor or resolution; warn if unrecorded."""
+    with np.load(path) as data:
+        holds_statistics = "mu" in data.files
+    if holds_statistics:
+        warning = check_reference(path, callback.feature_extractor_name, _resolution(callback))
+        if warning:
+            rank_zero_warn(warning)
+
+
+def metric_protocol(
+    callback: DistributionMetricCallback, trainer: Trainer, pl_module: LightningModule
+) -> dict:
+    """The protocol record of the logged metric: EMA samples of the running model, class-balanced labels."""
+    return build_protocol(
+        num_samples=callback.num_samples,
+        label_sampling="equal",
+        sampler=callback.sampler_kwargs,
+        seeds={"seed": callback.seed},
+        precision=str(trainer.precision),
+        compile=getattr(pl_module, "compile_models", None),
+        use_ema=True,
+        reference_path=callback.reference_stats_path,
+        inception_weights_path=callback.inception_weights_path,
+        feature_extractor=callback.feature_extractor_name,
+        feature_resolution=_resolution(callback),
+    )
+
+
+def write_metric_protocol(
+    callback: DistributionMetricCallback, trainer: Trainer, pl_module: LightningModule
+) -> None:
+    """Write ``<run dir>/<metric>_protocol.json`` and hand the record to every logger as hyperparameters."""
+    if not trainer.is_global_zero:
+        return
+    protocol = metric_protocol(callback, trainer, pl_module)
+    path = os.path.join(run_dir(trainer), f"{callback.metric_name}_protocol.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(protocol, f, indent=2)
+    for logger in trainer.loggers:
+        logger.log_hyperparams({f"{callback.metric_name}_protocol": protocol})
