@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -83,3 +84,38 @@ def check_training_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value not in choices:
             raise ConfigValueError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+
+
+# Files a run reads, by config key: what to put there. The pretrained files are read only when a run
+# starts, not when it resumes.
+PRETRAINED_FILES = {
+    "model.vae_weights_path": "the VAE's weights (REPA-E's released VAEs, or repae's VAE extraction)",
+    "model.latents_stats_path": "the '<vae>-latents-stats.pt' file released or extracted with the VAE",
+    "model.discriminator_weights_path": "the '<vae>-discriminator-ckpt.pt' file released or extracted with the VAE",
+}
+WEIGHT_FILES = {
+    "model.encoder.weights_paths": "each alignment encoder's original release file (README, local weights)",
+    "model.loss.perceptual.vgg_weights_path": "torchvision's VGG16 ImageNet weights, vgg16-397923af.pth",
+    "callbacks.fid.inception_weights_path": "torch-fidelity's FID Inception weights",
+    "callbacks.vae_health.inception_weights_path": "torch-fidelity's FID Inception weights, or null",
+}
+
+
+def missing_input_files(cfg: DictConfig, resuming: bool) -> list[str]:
+    """Every configured input file that does not exist, as ``key=path (what to put there)``, so a run
+    reports them all at once instead of one per start-up."""
+    expected = dict(WEIGHT_FILES) if resuming else {**PRETRAINED_FILES, **WEIGHT_FILES}
+    missing = []
+    for key, what in expected.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        paths = [value] if isinstance(value, str) else list(value or [])
+        missing += [f"{key}={path} ({what})" for path in paths if not Path(path).is_file()]
+    dataset = OmegaConf.select(cfg, "data.dataset", default=None)
+    if dataset is not None and str(dataset.get("_target_", "")).endswith(".H5Images"):
+        images = Path(dataset.data_dir) / "images.h5"
+        if not images.is_file():
+            missing.append(
+                f"data.dataset.data_dir={dataset.data_dir} has no images.h5 (make it with python -m repae.preprocess "
+                f"input_dir=<ImageNet train folder> output_dir={dataset.data_dir})"
+            )
+    return missing

@@ -344,28 +344,11 @@ class InceptionEvaluator:
 
 
 def inception_metrics(
-    samples_path: str,
-    reference_path: str,
-    weights_path: str | None,
-    metrics: Sequence[str] = INCEPTION_METRICS,
-    batch_size: int = 100,
-    num_workers: int = 0,
-    device: torch.device | str = "cpu",
-    inception_score_splits: int = 10,
-    precision_recall_neighborhood: int = 3,
+    samples_path: str, reference_path: str, weights_path: str | None, **options
 ) -> Evaluation:
-    """FID, sFID, Inception Score and precision/recall of ``samples_path`` against ``reference_path``."""
-    evaluator = InceptionEvaluator(
-        reference_path,
-        weights_path,
-        metrics,
-        batch_size,
-        num_workers,
-        device,
-        inception_score_splits,
-        precision_recall_neighborhood,
-    )
-    return evaluator.evaluate(samples_path)
+    """FID, sFID, Inception Score and precision/recall of ``samples_path`` against ``reference_path``;
+    ``options`` are :class:`InceptionEvaluator`'s."""
+    return InceptionEvaluator(reference_path, weights_path, **options).evaluate(samples_path)
 
 
 def effnet_metrics(
@@ -484,12 +467,12 @@ def sample_metrics(cfg: DictConfig, device: torch.device) -> Evaluation:
             cfg.samples_path,
             cfg.reference_path,
             cfg.inception_weights_path,
-            list(cfg.metrics),
-            cfg.batch_size,
-            cfg.num_workers,
-            device,
-            cfg.inception_score_splits,
-            cfg.precision_recall_neighborhood,
+            metrics=list(cfg.metrics),
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            device=device,
+            inception_score_splits=cfg.inception_score_splits,
+            precision_recall_neighborhood=cfg.precision_recall_neighborhood,
         )
     return effnet_metrics(
         cfg.samples_path, cfg.reference_path, cfg.effnet_resolution, cfg.batch_size, cfg.num_workers, device

@@ -17,7 +17,9 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
@@ -88,20 +90,24 @@ def check_writable(folder: str | Path, config_key: str) -> None:
         ) from None
 
 
-def write_text_atomically(path: str | Path, text: str) -> None:
-    """Write ``path`` through a temporary file next to it, so a full disk or a kill leaves the old
-    file (or none), never a truncated one."""
+def write_atomically(path: str | Path, write: Callable[[IO], Any], binary: bool = False) -> None:
+    """Call ``write`` on a temporary file next to ``path``, then rename it to ``path``, so a full disk
+    or a kill leaves the old file (or none), never a truncated one."""
     path = Path(path)
     temporary = temporary_path(path)
     try:
-        with open(temporary, "w") as f:
-            f.write(text)
+        with open(temporary, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    write_atomically(path, lambda f: f.write(text))
 
 
 def temporary_path(path: Path) -> Path:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from repae.callbacks.checkpoint import verify_checkpoint
 from repae.config import to_plain
-from repae.config_checks import check_training_config
+from repae.config_checks import check_training_config, missing_input_files
 from repae.datamodules.datasets import CorruptSampleError
 from repae.known_noise import silence_known_noise
 from repae.run_directory import (
@@ -143,6 +143,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     check_training_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
+    resuming = (checkpoint_dir(cfg) / "last.ckpt").is_file() or bool(cfg.ckpt_path)
+    if missing := missing_input_files(cfg, resuming):
+        raise FileNotFoundError(f"{len(missing)} input file(s) missing: " + "; ".join(missing))
     if (step := completed_step(cfg)) is not None:
         print(
             f"run complete at step {step}: nothing to do ({output_dir}; raise model.max_train_steps to train on)"

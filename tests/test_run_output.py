@@ -88,3 +88,23 @@ def test_a_run_stopped_before_its_last_step_writes_no_final_metrics(tiny_config)
     )
     train(cfg)
     assert not (Path(cfg.paths.output_dir) / "final_metrics.json").exists()
+
+
+def test_every_missing_input_file_is_reported_at_once_with_its_key(tiny_config, tmp_path):
+    import pytest
+
+    from repae.train import train
+
+    cfg = tiny_config(
+        f"model.vae_weights_path={tmp_path}/vae.pt",
+        f"model.latents_stats_path={tmp_path}/stats.pt",
+        f"+callbacks.fid.inception_weights_path={tmp_path}/inception.pth",
+    )
+    with pytest.raises(FileNotFoundError) as error:
+        train(cfg)
+    message = str(error.value)
+    assert message.startswith("3 input file(s) missing")
+    for key, name in [("model.vae_weights_path", "vae.pt"), ("model.latents_stats_path", "stats.pt"),
+                      ("callbacks.fid.inception_weights_path", "inception.pth")]:  # fmt: skip
+        assert f"{key}={tmp_path}/{name}" in message
+    assert not (tmp_path / "run").exists()  # found before anything was written

@@ -3,7 +3,6 @@ safely."""
 
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.serialization import config as serialization_config
 
-from repae.run_directory import temporary_path
+from repae.run_directory import write_atomically
 from repae.safe_load import load_weights_only
 
 
@@ -60,16 +59,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = temporary_path(path)
-        try:
-            with open(temporary, "wb") as f, serialization_config.patch({"save.compute_crc32": True}):
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+        with serialization_config.patch({"save.compute_crc32": True}):
+            write_atomically(path, lambda f: torch.save(checkpoint, f), binary=True)
 
     def load_checkpoint(
         self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
