@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 from repae.datamodules.datasets import FashionMNIST
 from repae.metrics import EfficientNetFeatures, FeatureStatistics, frechet_distance, save_reference_statistics
 from repae.modules.vae import build_vae, images_to_vae_input, load_vae_weights
+from repae.reconstruction import psnr
 
 ARMS = ("vanilla", "repa", "repae", "naive_e2e", "repa_e2e_vae")
 FIRST_ARMS = ARMS[:4]  # arm 5 needs each seed's REPA-E VAE
@@ -160,12 +161,11 @@ def measure_vae(vae_file: Path, images: torch.Tensor, reference, extractor, devi
         recons.append(torch.round((recon + 1) * 127.5).to(torch.uint8).cpu())
     recon = torch.cat(recons)
     latent = torch.cat(latents)
-    mse = (recon.float() - images.float()).square().mean(dim=(1, 2, 3)).clamp(min=1e-10)
     channel_means = latent.mean(dim=(0, 2, 3))
     channel_stds = latent.transpose(0, 1).flatten(1).std(dim=1)
     return {
         "rfd_effnet": frechet_distance(*effnet_statistics(recon, extractor, device), *reference),
-        "psnr": float((10 * torch.log10(255.0**2 / mse)).mean()),
+        "psnr": float(psnr(images, recon).mean()),
         "latent_mean": float(channel_means.mean()),
         "latent_std": float(channel_stds.mean()),
         "latent_channel_means": " ".join(f"{v:.4f}" for v in channel_means.tolist()),
