@@ -83,6 +83,18 @@ def train_command(out: Path, experiment: str, seed: int, directory: Path, smoke:
     ]  # fmt: skip
 
 
+def process_environment(parallel: int) -> dict[str, str]:
+    """The environment of each training process: CPU thread pools sized to its share of the cores.
+
+    Left to their defaults, ``parallel`` processes each start torch and BLAS pools as large as the
+    machine, and every evaluation's matrix square root then competes with all of them."""
+    environment = dict(os.environ)
+    threads = str(max(1, (os.cpu_count() or 1) // parallel))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        environment.setdefault(name, threads)
+    return environment
+
+
 def run_all(jobs: list[tuple[str, int, Path]], out: Path, parallel: int, smoke: bool, started: float) -> None:
     """Run the unfinished (experiment, seed, run directory) jobs, ``parallel`` at a time, each logging
     to ``<run directory>.log``; raise naming the runs that failed."""
@@ -101,6 +113,7 @@ def run_all(jobs: list[tuple[str, int, Path]], out: Path, parallel: int, smoke: 
                 train_command(out, experiment, seed, directory, smoke),
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
+                env=process_environment(parallel),
             )
             log_file.close()
             running.append((process, directory))

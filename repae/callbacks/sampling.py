@@ -18,8 +18,10 @@ so the sampling noise is reproducible too.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import time
 
 import numpy as np
 import torch
@@ -40,6 +42,8 @@ from repae.metrics import (
     save_reference_statistics,
 )
 from repae.protocol import build_protocol, check_reference, feature_resolution, reference_record_arrays
+
+log = logging.getLogger(__name__)
 
 REFERENCE_STATS_CONFIG_KEY = "callbacks.fid.reference_stats_path"
 REFERENCE_IMAGES_CONFIG_KEY = "callbacks.fid.reference_from_datamodule_images"
@@ -340,11 +344,19 @@ class DistributionMetricCallback(Callback):
     def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> float:
         """Sample, compare with the reference, log ``fid`` / ``fd_effnet`` at ``pl_module.step``; returns it."""
         reference = self._reference_statistics(trainer, pl_module)
+        started = time.perf_counter()
         statistics = self.sample_statistics(trainer, pl_module)
+        moments = statistics.compute()
+        sampled = time.perf_counter()
         # Every rank holds the same summed statistics; only rank 0 pays for the matrix square root.
-        value = frechet_distance(*statistics.compute(), *reference) if trainer.is_global_zero else 0.0
+        value = frechet_distance(*moments, *reference) if trainer.is_global_zero else 0.0
         value = trainer.strategy.broadcast(value, src=0)
         step = current_step(pl_module)
+        if trainer.is_global_zero:  # an evaluation stops training: its cost belongs next to the step rate
+            log.info(
+                f"{self.metric_name} at step {step}: {value:.4f} ({self.num_samples} samples and their "
+                f"features {sampled - started:.1f} s, Fréchet distance {time.perf_counter() - sampled:.1f} s)"
+            )
         # Logged straight to the loggers: `self.log` would only reach them on `log_every_n_steps`
         # boundaries and is not allowed in on_train_end. callback_metrics makes it monitorable.
         for logger in trainer.loggers:
