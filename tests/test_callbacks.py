@@ -36,10 +36,9 @@ class StubREPAE(LightningModule):
 
     num_classes = 10
     latent_shape = (4, 4, 4)
-    max_train_steps = 7
-
-    def __init__(self):
+    def __init__(self, max_train_steps: int = 7):
         super().__init__()
+        self.max_train_steps = max_train_steps
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.register_buffer("step", torch.tensor(0))
         self.generate_calls = []
@@ -93,7 +92,7 @@ def logged_metrics(trainer):
 
 
 def test_image_grid_is_written_with_fixed_inputs_and_the_right_size(tmp_path):
-    module = StubREPAE()
+    module = StubREPAE(max_train_steps=3)
     grid = ImageGridCallback(every_n_steps=2, num_images=6, labels=[1, 2], seed=3, mode="sde", num_steps=4)
     trainer = make_trainer(tmp_path, [grid], max_steps=3)
     trainer.fit(module, datamodule=RandomImages())
@@ -112,6 +111,28 @@ def test_image_grid_is_written_with_fixed_inputs_and_the_right_size(tmp_path):
     assert noise_a.shape == (6, *StubREPAE.latent_shape)
     assert kwargs_a["mode"] == "sde" and kwargs_a["num_steps"] == 4
     assert isinstance(kwargs_a["generator"], torch.Generator)
+
+
+def test_a_run_stopped_before_its_last_step_samples_nothing_at_the_stop(tmp_path):
+    """A requeue signal stops a run early: its grid and FD wait for the schedule, or the run's true end."""
+    module = StubREPAE(max_train_steps=7)
+    grid = ImageGridCallback(every_n_steps=2, num_images=2, seed=0, mode="ode", num_steps=2)
+    metric = DistributionMetricCallback(
+        steps=[2, 7],
+        num_samples=4,
+        batch_size=4,
+        reference_stats_path=str(tmp_path / "reference.npz"),
+        reference_from_datamodule_images=8,
+        effnet_resolution=32,
+        mode="ode",
+        num_steps=2,
+    )
+    trainer = make_trainer(tmp_path, [grid, metric], max_steps=3)  # stopped at step 3 of 7
+    trainer.fit(module, datamodule=RandomImages())
+
+    names = sorted(f for f in os.listdir(trainer.default_root_dir) if f.startswith("samples_"))
+    assert names == ["samples_step0000002.png"]
+    assert [int(row["step"]) for row in logged_metrics(trainer) if row.get("fd_effnet")] == [2]
 
 
 def test_ode_grid_passes_no_generator():
@@ -213,7 +234,7 @@ def test_cached_reference_is_loaded_instead_of_rebuilt(tmp_path):
         effnet_resolution=32,
         num_steps=1,
     )
-    module, data = StubREPAE(), RandomImages()
+    module, data = StubREPAE(max_train_steps=1), RandomImages()
     trainer = make_trainer(tmp_path, [metric], max_steps=1)
     trainer.fit(module, datamodule=data)
     assert data.train_dataloader_calls == 1
@@ -423,7 +444,7 @@ def test_the_metric_protocol_is_written_and_a_reference_of_another_resolution_re
         )
 
     trainer = make_trainer(tmp_path, [metric(32)], max_steps=1)
-    trainer.fit(StubREPAE(), datamodule=RandomImages())
+    trainer.fit(StubREPAE(max_train_steps=1), datamodule=RandomImages())
     protocol = json.loads((tmp_path / "fd_effnet_protocol.json").read_text())
     assert protocol["num_samples"] == 4 and protocol["weights"] == "ema"
     assert protocol["sampler"]["cfg_scale"] == 1.5 and protocol["sampler"]["num_steps"] == 2
@@ -436,7 +457,7 @@ def test_the_metric_protocol_is_written_and_a_reference_of_another_resolution_re
 
     trainer = make_trainer(tmp_path / "other", [metric(64)], max_steps=1)
     with pytest.raises(ValueError, match="made with effnet at 32px, but this evaluation uses effnet at 64px"):
-        trainer.fit(StubREPAE(), datamodule=RandomImages())
+        trainer.fit(StubREPAE(max_train_steps=1), datamodule=RandomImages())
 
 
 class StubE2E(StubREPAE):

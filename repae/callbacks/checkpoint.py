@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.serialization import config as serialization_config
 
+from repae.callbacks.run import training_complete
 from repae.run_directory import write_atomically
 from repae.safe_load import load_weights_only
 
@@ -119,7 +120,7 @@ class StepCheckpoint(ModelCheckpoint):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
     ) -> None:
-        final_step = pl_module.step >= pl_module.max_train_steps
+        final_step = training_complete(pl_module)
         if (pl_module.step % self.every_n_steps and not final_step) or self._should_skip_saving_checkpoint(
             trainer
         ):

@@ -1,4 +1,4 @@
-"""What the training callbacks share about the run: its step counter and its directory."""
+"""What the training callbacks share about the run: its step counter, whether it is complete, its directory."""
 
 from __future__ import annotations
 
@@ -9,6 +9,12 @@ def current_step(pl_module: LightningModule) -> int:
     """The REPA-E iteration counter (one per batch), never ``trainer.global_step``, which counts the
     three optimizer steps of each batch."""
     return int(pl_module.step)
+
+
+def training_complete(pl_module: LightningModule) -> bool:
+    """Whether the run has reached ``model.max_train_steps``. A run stopped earlier (a requeue signal)
+    has not ended: what callbacks do "at the end of training" waits for the run that completes it."""
+    return pl_module.step >= pl_module.max_train_steps
 
 
 def run_dir(trainer: Trainer) -> str:

@@ -32,7 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import make_grid
 
-from repae.callbacks.run import current_step, run_dir
+from repae.callbacks.run import current_step, run_dir, training_complete
 from repae.metrics import (
     EfficientNetFeatures,
     FeatureStatistics,
@@ -90,7 +90,7 @@ def _images_of_batch(batch) -> torch.Tensor:
 
 
 class ImageGridCallback(Callback):
-    """Every ``every_n_steps`` iterations (and at train end), sample a grid of images with fixed inputs.
+    """Every ``every_n_steps`` iterations (and when training completes), sample a grid of images with fixed inputs.
 
     Labels and initial noise are drawn once from ``seed`` so successive grids show the same samples
     evolving. ``labels`` (optional) are repeated cyclically to ``num_images``; by default they are
@@ -167,13 +167,13 @@ class ImageGridCallback(Callback):
             self._log_grid(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.enabled:
+        if self.enabled and training_complete(pl_module):
             self._log_grid(trainer, pl_module)
 
 
 class DistributionMetricCallback(Callback):
     """FID (Inception) or FD-EffNet (EfficientNet-Lite0) of EMA samples, every ``every_n_steps`` and/or at
-    the listed ``steps``, and at train end.
+    the listed ``steps``, and when training completes (not when a requeue signal stops the run early).
 
     Each evaluation samples ``num_samples`` images on all ranks together (each rank its contiguous share
     of a class-balanced, shuffled label list, noise from the per-rank seed ``seed * world_size + rank``,
@@ -379,7 +379,7 @@ class DistributionMetricCallback(Callback):
             self._maybe_evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.enabled:
+        if self.enabled and training_complete(pl_module):
             self._maybe_evaluate(trainer, pl_module)
 
 
