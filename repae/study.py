@@ -5,7 +5,8 @@ its extraction, the arms vanilla / repa / repae / naive_e2e x seeds as concurren
 extraction of each seed's REPA-E and naive-E2E VAE, the arm repa_e2e_vae x seeds, then the VAE
 measurements (rFD-EffNet, PSNR, latent statistics on the t10k test split) and the outputs:
 ``results.csv``, ``summary.md`` (tables and the verdicts of claims (a)-(d) by the fixed rules below),
-``fd_vs_step.png``, ``grids.png`` and ``timing.json``.
+``fd_vs_step.png``, ``grids.png`` and ``timing.json``. ``--report-only`` rewrites summary.md and
+fd_vs_step.png from an existing results.csv.
 
 Resumable: a finished run (its ``final_metrics.json`` exists) is skipped, an unfinished one resumes from
 its ``last.ckpt``. ``--smoke`` runs the same code for a couple of CPU steps per stage (the test).
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
 from repae.datamodules.datasets import FashionMNIST
@@ -47,6 +49,7 @@ SMOKE_OVERRIDES = [
     "data.num_workers=0",
     "data.dataset.max_images=64",
     "callbacks.checkpoint.every_n_steps=2",
+    "trainer.log_every_n_steps=1",  # losses at both steps: the study's loss diagnostics have values
 ]
 SMOKE_SAMPLING_OVERRIDES = [
     "callbacks.fid.steps=[1,2]",
@@ -55,8 +58,9 @@ SMOKE_SAMPLING_OVERRIDES = [
     "callbacks.image_grid.num_images=10",
 ]
 SMOKE_TEST_IMAGES = 20
+DIAGNOSTIC_LOSSES = ("denoising_loss", "proj_loss")
 RESULT_FIELDS = [
-    "kind", "arm", "seed", "step", "fd_effnet", "vae", "rfd_effnet", "psnr",
+    "kind", "arm", "seed", "step", "fd_effnet", "fd_effnet_raw", *DIAGNOSTIC_LOSSES, "vae", "rfd_effnet", "psnr",
     "latent_mean", "latent_std", "latent_channel_means", "latent_channel_stds",
 ]  # fmt: skip
 
@@ -187,30 +191,41 @@ def measure_vae(vae_file: Path, images: torch.Tensor, reference, extractor, devi
 
 
 def fd_rows(out: Path, arm: str, seed: int) -> list[dict]:
-    """The FD-EffNet values a run logged (its CSV logger's metrics.csv), one row per step."""
-    rows = []
-    with open(run_dir(out, arm, seed) / "csv" / "metrics.csv") as f:
-        for row in csv.DictReader(f):
-            if row.get("fd_effnet"):
-                rows.append(
-                    {
-                        "kind": "fd",
-                        "arm": arm,
-                        "seed": seed,
-                        "step": int(row["step"]),
-                        "fd_effnet": float(row["fd_effnet"]),
-                    }  # fmt: skip
-                )
+    """One row per scheduled step (``callbacks.fid.steps`` of the run's config.yaml) that the run
+    evaluated, from its CSV logger's metrics.csv: FD-EffNet (EMA), and as diagnostics the raw SiT's FD
+    and the mean denoising and REPA (``proj_loss``) losses logged since the previous scheduled step.
+    Only scheduled steps are compared across arms; a run stopped by a signal before e28f2ec also
+    logged an FD at the step it stopped at."""
+    directory = run_dir(out, arm, seed)
+    scheduled = sorted(OmegaConf.load(directory / "config.yaml").callbacks.fid.steps)
+    with open(directory / "csv" / "metrics.csv") as f:
+        logged = list(csv.DictReader(f))
+
+    def values(key: str, after: int, upto: int) -> list[float]:
+        return [float(row[key]) for row in logged if row.get(key) and after < int(row["step"]) <= upto]
+
+    rows, previous = [], 0
+    for step in scheduled:
+        fd = values("fd_effnet", step - 1, step)
+        if fd:
+            row = {"kind": "fd", "arm": arm, "seed": seed, "step": step, "fd_effnet": fd[-1]}
+            raw = values("fd_effnet_raw", step - 1, step)
+            row["fd_effnet_raw"] = raw[-1] if raw else None
+            for loss in DIAGNOSTIC_LOSSES:
+                logged_losses = values(loss, previous, step)
+                row[loss] = float(np.mean(logged_losses)) if logged_losses else None
+            rows.append(row)
+        previous = step
     return rows
 
 
 # --- the verdicts (fixed with the protocol, before any result) ---------------------------------
-def fd_table(rows: list[dict]) -> dict[str, dict[int, list[float]]]:
-    """arm -> step -> FD of each seed."""
+def step_table(rows: list[dict], key: str = "fd_effnet") -> dict[str, dict[int, list[float]]]:
+    """arm -> step -> ``key`` (FD-EffNet unless told) of each seed that has it."""
     table: dict[str, dict[int, list[float]]] = {}
     for row in rows:
-        if row["kind"] == "fd":
-            table.setdefault(row["arm"], {}).setdefault(row["step"], []).append(row["fd_effnet"])
+        if row["kind"] == "fd" and row.get(key) is not None:
+            table.setdefault(row["arm"], {}).setdefault(row["step"], []).append(row[key])
     return table
 
 
@@ -263,18 +278,24 @@ def verdicts(table: dict[str, dict[int, list[float]]], vaes: dict[str, dict]) ->
 
 
 # --- outputs ------------------------------------------------------------------------------------
-def write_summary(path: Path, table, vaes, verdict, timing) -> None:
+def mean_spread_table(title: str, table: dict[str, dict[int, list[float]]], digits: int = 3) -> list[str]:
+    """A Markdown table (with its heading) of ``table``'s arm x step values: mean ± half the spread."""
     steps = sorted({step for curve in table.values() for step in curve})
-    lines = ["# REPA-E in miniature: results", "", "Protocol and rules: docs/reproduction.md.", "",
-             "## FD-EffNet of EMA samples vs the t10k test images (mean ± half the spread over seeds)", "",
-             "| arm | " + " | ".join(f"step {s}" for s in steps) + " |",
+    lines = [f"## {title}", "", "| arm | " + " | ".join(f"step {s}" for s in steps) + " |",
              "|---|" + "---|" * len(steps)]  # fmt: skip
     for arm in ARMS:
-        cells = []
-        for step in steps:
-            values = table.get(arm, {}).get(step, [])
-            cells.append(f"{np.mean(values):.3f} ± {np.ptp(values) / 2:.3f}" if values else "")
+        values = [table.get(arm, {}).get(step, []) for step in steps]
+        cells = [f"{np.mean(v):.{digits}f} ± {np.ptp(v) / 2:.{digits}f}" if v else "" for v in values]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_summary(path: Path, rows: list[dict], vaes, verdict, timing) -> None:
+    table = step_table(rows)
+    steps = sorted({step for curve in table.values() for step in curve})
+    lines = ["# REPA-E in miniature: results", "", "Protocol and rules: docs/reproduction.md.", "",
+             *mean_spread_table("FD-EffNet of EMA samples vs the t10k test images (mean ± half the spread "
+                                "over seeds)", table)]  # fmt: skip
     lines += ["", "## (a) steps the vanilla / REPA arms need to reach REPA-E's FD at step N", "",
               "| N | REPA-E FD | vanilla: steps (ratio) | repa: steps (ratio) |", "|---|---|---|---|"]  # fmt: skip
     mean = {arm: {s: float(np.mean(v)) for s, v in curve.items()} for arm, curve in table.items()}
@@ -293,11 +314,23 @@ def write_summary(path: Path, table, vaes, verdict, timing) -> None:
     lines += ["", "## Verdicts", ""]
     for claim, (holds, numbers) in verdict.items():
         lines.append(f"- ({claim}) {'reproduced' if holds else 'NOT reproduced'}: {numbers}")
+    diagnostics = [
+        ("FD-EffNet of the raw (non-EMA) SiT's samples", "fd_effnet_raw", 3),
+        ("Denoising loss, mean since the previous evaluated step", "denoising_loss", 4),
+        ("REPA loss of the SiT (`proj_loss`, minus the cosine similarity), mean since the previous evaluated step",
+         "proj_loss", 4),
+    ]  # fmt: skip
+    for title, key, digits in diagnostics:
+        if diagnostic := step_table(rows, key):
+            lines += [
+                "",
+                *mean_spread_table(f"Diagnostic, not used by the verdicts: {title}", diagnostic, digits),
+            ]
     lines += ["", f"Wall time per stage (s): {json.dumps(timing)}", ""]
     path.write_text("\n".join(lines))
 
 
-def plot_fd(path: Path, table) -> None:
+def plot_fd(path: Path, table, raw_table) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -309,11 +342,15 @@ def plot_fd(path: Path, table) -> None:
         if not steps:
             continue
         values = [table[arm][s] for s in steps]
-        axes.plot(steps, [np.mean(v) for v in values], marker="o", label=arm)
+        (line,) = axes.plot(steps, [np.mean(v) for v in values], marker="o", label=arm)
         axes.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
+        raw = raw_table.get(arm, {})
+        if raw:
+            raw_steps = sorted(raw)
+            axes.plot(raw_steps, [np.mean(raw[s]) for s in raw_steps], linestyle="--", color=line.get_color())
     axes.set_xscale("log")
     axes.set_xlabel("SiT step")
-    axes.set_ylabel("FD-EffNet (t10k)")
+    axes.set_ylabel("FD-EffNet (t10k)" + ("; dashed: raw SiT" if raw_table else ""))
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -387,17 +424,43 @@ def study(out: Path, parallel: int, smoke: bool) -> None:
         writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    table = fd_table(rows)
-    plot_fd(out / "fd_vs_step.png", table)
-    last = max(table["repae"])
+    last = max(step_table(rows)["repae"])
     side_by_side(
         out / "grids.png", {arm: run_dir(out, arm, seeds[0]) / f"samples_step{last:07d}.png" for arm in ARMS}
     )
     now = stage("measurements", now)
     timing["total"] = round(time.monotonic() - started, 1)
-    write_summary(out / "summary.md", table, vaes, verdicts(table, vaes), timing)
     (out / "timing.json").write_text(json.dumps(timing, indent=2))
+    report(out)
     log(f"done: {out / 'summary.md'}", started)
+
+
+def read_results(path: Path) -> tuple[list[dict], dict[str, dict]]:
+    """results.csv back as (FD rows, VAE name -> measurements)."""
+    rows, vaes = [], {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            if row["kind"] == "fd":
+                rows.append({"kind": "fd", "arm": row["arm"], "seed": int(row["seed"]), "step": int(row["step"]),
+                             **{key: float(row[key]) if row.get(key) else None
+                                for key in ("fd_effnet", "fd_effnet_raw", *DIAGNOSTIC_LOSSES)}})  # fmt: skip
+            else:
+                vaes[row["vae"]] = {
+                    key: row[key] if key.startswith("latent_channel") else float(row[key])
+                    for key in ("rfd_effnet", "psnr", "latent_mean", "latent_std",
+                                "latent_channel_means", "latent_channel_stds")
+                }  # fmt: skip
+    return rows, vaes
+
+
+def report(out: Path) -> None:
+    """summary.md (tables and verdicts) and fd_vs_step.png from ``out``'s results.csv and timing.json."""
+    rows, vaes = read_results(out / "results.csv")
+    table = step_table(rows)
+    timing_file = out / "timing.json"
+    timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+    plot_fd(out / "fd_vs_step.png", table, step_table(rows, "fd_effnet_raw"))
+    write_summary(out / "summary.md", rows, vaes, verdicts(table, vaes), timing)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -405,11 +468,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("logs/study"), help="the study's directory")
     parser.add_argument("--parallel", type=int, default=8, help="training processes at a time on the GPU")
     parser.add_argument("--smoke", action="store_true", help="a couple of CPU steps per stage (the test)")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only rewrite summary.md and fd_vs_step.png from results.csv",
+    )
     args = parser.parse_args(argv)
     if args.parallel < 1:
         raise SystemExit("error: --parallel must be at least 1")
     try:
-        study(args.out, args.parallel, args.smoke)
+        if args.report_only:
+            report(args.out)
+        else:
+            study(args.out, args.parallel, args.smoke)
     except (RuntimeError, FileNotFoundError, subprocess.CalledProcessError) as error:
         raise SystemExit(f"error: {error}") from None
 

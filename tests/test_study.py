@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 
 from repae.convert.checkpoints import extract_vae
 from repae.module import REPAE, to_plain
-from repae.study import ARMS, steps_to_reach
+from repae.study import ARMS, fd_rows, steps_to_reach
 
 from test_training import a_batch, fit
 
@@ -84,6 +84,27 @@ def test_steps_to_reach_interpolates_in_log_step():
     assert steps_to_reach(curve, 5.0) == (">", 2000)
 
 
+def test_study_rows_hold_the_scheduled_steps_only_with_their_diagnostics(tmp_path):
+    run = tmp_path / "runs" / "repae_s0"
+    (run / "csv").mkdir(parents=True)
+    (run / "config.yaml").write_text("callbacks:\n  fid:\n    steps: [2, 4]\n")
+    logged = [  # step, fd_effnet, fd_effnet_raw, denoising_loss, proj_loss
+        (1, "", "", "0.5", "-0.1"), (2, "", "", "0.3", "-0.3"), (2, "90.0", "", "", ""), (2, "", "80.0", "", ""),
+        (3, "", "", "0.2", "-0.4"), (3, "70.0", "", "", ""),  # an FD at the step a signal stopped the run
+        (4, "", "", "0.1", "-0.6"), (4, "60.0", "", "", ""), (4, "", "50.0", "", ""),
+    ]  # fmt: skip
+    with open(run / "csv" / "metrics.csv", "w") as f:
+        f.write("step,fd_effnet,fd_effnet_raw,denoising_loss,proj_loss\n")
+        f.writelines(",".join(map(str, row)) + "\n" for row in logged)
+    rows = fd_rows(tmp_path, "repae", 0)
+    assert [(row["step"], row["fd_effnet"], row["fd_effnet_raw"]) for row in rows] == [
+        (2, 90.0, 80.0),
+        (4, 60.0, 50.0),
+    ]
+    assert [row["denoising_loss"] for row in rows] == [pytest.approx(0.4), pytest.approx(0.15)]
+    assert [row["proj_loss"] for row in rows] == [pytest.approx(-0.2), pytest.approx(-0.5)]
+
+
 @pytest.mark.slow  # minutes on 2 busy cores: eight 1280-d Fréchet distances and six training processes
 def test_smoke_study_writes_every_output_with_rows_for_every_arm(tmp_path):
     out = tmp_path / "study"
@@ -94,7 +115,16 @@ def test_smoke_study_writes_every_output_with_rows_for_every_arm(tmp_path):
         assert (out / name).is_file(), name
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {row["arm"] for row in rows if row["kind"] == "fd"} == set(ARMS)
+    fd = [row for row in rows if row["kind"] == "fd"]
+    assert {row["arm"] for row in fd} == set(ARMS)
+    assert all(row["fd_effnet_raw"] for row in fd)  # the raw SiT's FD beside the EMA's, every arm
+    assert all(row["proj_loss"] and row["denoising_loss"] for row in fd)
     assert {row["vae"] for row in rows if row["kind"] == "vae"} == {"stage0", "repae_s0", "naive_e2e_s0"}
     summary = (out / "summary.md").read_text()
     assert all(f"- ({claim})" in summary for claim in "abcd")
+    assert "Diagnostic, not used by the verdicts: FD-EffNet of the raw" in summary
+
+    (out / "summary.md").unlink()
+    command = [sys.executable, "-m", "repae.study", "--out", str(out), "--report-only"]
+    subprocess.run(command, check=True, capture_output=True, env=os.environ.copy())
+    assert (out / "summary.md").read_text() == summary

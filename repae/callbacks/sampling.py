@@ -178,7 +178,9 @@ class DistributionMetricCallback(Callback):
     Each evaluation samples ``num_samples`` images on all ranks together (each rank its contiguous share
     of a class-balanced, shuffled label list, noise from the per-rank seed ``seed * world_size + rank``,
     so every evaluation uses the same samples), accumulates :class:`FeatureStatistics`, sums them across
-    ranks and logs the Fréchet distance to the reference as ``fid`` or ``fd_effnet``.
+    ranks and logs the Fréchet distance to the reference as ``fid`` or ``fd_effnet``. With
+    ``use_ema=false`` it samples the raw (trained, non-EMA) SiT instead and logs ``fid_raw`` /
+    ``fd_effnet_raw``: a second instance that tells how far the EMA lags behind the model it averages.
 
     Reference statistics: ``reference_stats_path`` (ADM-style npz with ``mu``/``sigma``, or images
     ``arr_0`` whose features are computed with this callback's extractor). If that file does not exist
@@ -205,6 +207,7 @@ class DistributionMetricCallback(Callback):
         inception_weights_path: str | None = None,
         effnet_resolution: int = 128,
         seed: int = 0,
+        use_ema: bool = True,
         **sampler_kwargs,
     ):
         if feature_extractor not in ("inception", "effnet"):
@@ -228,7 +231,10 @@ class DistributionMetricCallback(Callback):
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.feature_extractor_name = feature_extractor
-        self.metric_name = "fid" if feature_extractor == "inception" else "fd_effnet"
+        self.use_ema = use_ema
+        self.metric_name = ("fid" if feature_extractor == "inception" else "fd_effnet") + (
+            "" if use_ema else "_raw"
+        )
         self.reference_stats_path = reference_stats_path
         self.reference_from_datamodule_images = reference_from_datamodule_images
         self.reference_dataset = reference_dataset
@@ -317,7 +323,7 @@ class DistributionMetricCallback(Callback):
 
     @torch.no_grad()
     def sample_statistics(self, trainer: Trainer, pl_module: LightningModule) -> FeatureStatistics:
-        """Features of ``num_samples`` EMA samples, summed over all ranks."""
+        """Features of ``num_samples`` samples (of the EMA SiT, or the raw one), summed over all ranks."""
         device = pl_module.device
         extractor = self._extractor(device)
         rank_seed = self.seed * trainer.world_size + trainer.global_rank
@@ -333,7 +339,9 @@ class DistributionMetricCallback(Callback):
         for index in range(most_batches):
             batch_labels = batches[index] if index < len(batches) else torch.zeros(1, dtype=torch.long)
             noise = torch.randn(len(batch_labels), *pl_module.latent_shape, generator=noise_generator)
-            images = pl_module.generate(batch_labels.to(device), noise.to(device), **kwargs)
+            images = pl_module.generate(
+                batch_labels.to(device), noise.to(device), use_ema=self.use_ema, **kwargs
+            )
             if index < len(batches):
                 statistics.update(extractor(images))
         if trainer.world_size > 1:
@@ -342,7 +350,7 @@ class DistributionMetricCallback(Callback):
         return statistics
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> float:
-        """Sample, compare with the reference, log ``fid`` / ``fd_effnet`` at ``pl_module.step``; returns it."""
+        """Sample, compare with the reference, log ``metric_name`` at ``pl_module.step``; returns it."""
         reference = self._reference_statistics(trainer, pl_module)
         started = time.perf_counter()
         statistics = self.sample_statistics(trainer, pl_module)
@@ -406,7 +414,7 @@ def check_reference_record(callback: DistributionMetricCallback, path: str) -> N
 def metric_protocol(
     callback: DistributionMetricCallback, trainer: Trainer, pl_module: LightningModule
 ) -> dict:
-    """The protocol record of the logged metric: EMA samples of the running model, class-balanced labels."""
+    """The protocol record of the logged metric: samples of the running model, class-balanced labels."""
     return build_protocol(
         num_samples=callback.num_samples,
         label_sampling="equal",
@@ -414,7 +422,7 @@ def metric_protocol(
         seeds={"seed": callback.seed},
         precision=str(trainer.precision),
         compile=getattr(pl_module, "compile_models", None),
-        use_ema=True,
+        use_ema=callback.use_ema,
         reference_path=callback.reference_stats_path,
         inception_weights_path=callback.inception_weights_path,
         feature_extractor=callback.feature_extractor_name,
