@@ -53,6 +53,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from repae.cli import exit_on_bad_input
 from repae.config import build_model
 from repae.convert.checkpoints import SAFE_GLOBALS
 from repae.convert.official import official_config
@@ -418,10 +419,8 @@ def main(cfg: DictConfig) -> None:
     silence_known_noise()
     # Batches of sample indices need no loader workers; Lightning suggests them all the same.
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    try:
+    with exit_on_bad_input():
         generate(cfg)
-    except (FileNotFoundError, ValueError) as error:  # bad input: one line, no traceback
-        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":
