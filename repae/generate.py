@@ -138,6 +138,12 @@ def _from_lightning_checkpoint(checkpoint: Mapping, path: str, use_ema: bool) ->
     hparams, state_dict = checkpoint["hyper_parameters"], checkpoint["state_dict"]
     if not isinstance(hparams, Mapping):
         raise ValueError(f"{path!r}: hyper_parameters is a {type(hparams).__name__}, not the model config")
+    if hparams.get("mode") == "vae_only":
+        raise ValueError(
+            f"{path!r} is a model.mode=vae_only checkpoint: it has no SiT, so it has nothing to sample. "
+            f"Extract its VAE (python -m repae.convert extract-vae {path} --name NAME) and train a SiT on it "
+            "(model.mode=e2e or ldm_only)."
+        )
     sit_state = sub_state_dict(state_dict, "ema." if use_ema else "sit.")
     sit = build_model(hparams.get("sit"), "hyper_parameters.sit", z_dims=projector_dims(sit_state))
     vae = build_model(hparams.get("vae"), "hyper_parameters.vae")
