@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from repae.cli import exit_on_bad_input
 from repae.datamodules.datasets import H5Images, h5_latent_key, write_h5_labels_and_listing
 from repae.known_noise import silence_known_noise
 from repae.modules.vae import AutoencoderKL, images_to_vae_input, load_checked_state_dict
@@ -244,7 +245,8 @@ def cache_latents(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="cache")
 def main(cfg: DictConfig) -> None:
     silence_known_noise()
-    cache_latents(cfg)
+    with exit_on_bad_input():
+        cache_latents(cfg)
 
 
 if __name__ == "__main__":

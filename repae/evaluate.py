@@ -44,6 +44,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 
+from repae.cli import exit_on_bad_input
 from repae.metrics import (
     SPATIAL_FEATURES,
     EfficientNetFeatures,
@@ -567,10 +568,8 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_bad_input():
         evaluate(cfg)
-    except (FileNotFoundError, ValueError) as error:  # bad input: one line, no traceback
-        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

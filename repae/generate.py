@@ -53,6 +53,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from repae.cli import exit_on_bad_input
 from repae.config import build_model
 from repae.convert.checkpoints import SAFE_GLOBALS
 from repae.convert.official import official_config
@@ -137,6 +138,12 @@ def _from_lightning_checkpoint(checkpoint: Mapping, path: str, use_ema: bool) ->
     hparams, state_dict = checkpoint["hyper_parameters"], checkpoint["state_dict"]
     if not isinstance(hparams, Mapping):
         raise ValueError(f"{path!r}: hyper_parameters is a {type(hparams).__name__}, not the model config")
+    if hparams.get("mode") == "vae_only":
+        raise ValueError(
+            f"{path!r} is a model.mode=vae_only checkpoint: it has no SiT, so it has nothing to sample. "
+            f"Extract its VAE (python -m repae.convert extract-vae {path} --name NAME) and train a SiT on it "
+            "(model.mode=e2e or ldm_only)."
+        )
     sit_state = sub_state_dict(state_dict, "ema." if use_ema else "sit.")
     sit = build_model(hparams.get("sit"), "hyper_parameters.sit", z_dims=projector_dims(sit_state))
     vae = build_model(hparams.get("vae"), "hyper_parameters.vae")
@@ -418,10 +425,8 @@ def main(cfg: DictConfig) -> None:
     silence_known_noise()
     # Batches of sample indices need no loader workers; Lightning suggests them all the same.
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    try:
+    with exit_on_bad_input():
         generate(cfg)
-    except (FileNotFoundError, ValueError) as error:  # bad input: one line, no traceback
-        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from repae.cli import exit_on_bad_input
 from repae.evaluate import Evaluation, InceptionEvaluator, effnet_metrics, resolve_device
 from repae.generate import generate, generation_protocol, load_sampling_model
 from repae.known_noise import silence_known_noise
@@ -185,10 +186,8 @@ def main(cfg: DictConfig) -> None:
     silence_known_noise()
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     OmegaConf.resolve(cfg)
-    try:
+    with exit_on_bad_input():
         guidance_sweep(cfg)
-    except (FileNotFoundError, ValueError) as error:  # bad input: one line, no traceback
-        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

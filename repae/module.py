@@ -527,7 +527,17 @@ class REPAE(pl.LightningModule):
         self, labels: torch.Tensor, noise: torch.Tensor, use_ema: bool = True, **sampler_kwargs
     ) -> torch.Tensor:
         """Sample images for ``labels`` [B] from ``noise`` [B,C,h,w] -> uint8 [B,3,H,W] with the (EMA)
-        SiT and the VAE; ``model.sampling`` gives the defaults (see ``generate_images``)."""
+        SiT and the VAE; ``model.sampling`` gives the defaults (see ``generate_images``).
+
+        Raises:
+            ValueError: a ``vae_only`` model, which has no SiT to sample with.
+        """
+        if self.sit is None:
+            raise ValueError(
+                "model.mode=vae_only: a vae_only model has no SiT, so it has nothing to sample. Extract its "
+                "VAE (python -m repae.convert extract-vae <checkpoint> --name NAME) and train a SiT on it "
+                "(model.mode=e2e or ldm_only)."
+            )
         return generate_images(
             self.ema if use_ema else self.sit,
             self.vae,

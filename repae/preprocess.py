@@ -32,6 +32,7 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from repae.cli import exit_on_bad_input
 from repae.datamodules.datasets import CorruptSampleError, ImageFolder, encode_png, write_h5_encoded_images
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,7 @@ def preprocess(
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="preprocess")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_bad_input(log=log):
         preprocess(
             input_dir=cfg.input_dir,
             output_dir=cfg.output_dir,
@@ -235,9 +236,6 @@ def main(cfg: DictConfig) -> None:
             keep_work_dir=cfg.keep_work_dir,
             progress=cfg.progress,
         )
-    except (FileNotFoundError, ValueError) as error:
-        log.error("%s", error)
-        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import pickle
 import re
 import sys
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -26,6 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from repae.callbacks.checkpoint import verify_checkpoint
+from repae.cli import exit_on_bad_input
 from repae.config import to_plain
 from repae.config_checks import check_training_config, missing_input_files
 from repae.datamodules.datasets import CorruptSampleError
@@ -217,26 +219,23 @@ def one_line(error: BaseException) -> str:
     return message
 
 
+def failure_message(cfg: DictConfig, error: BaseException) -> str | None:
+    """The line for a failure the user can mend (a full disk, bad input), else None (a bug: traceback)."""
+    if disk_full(error):
+        last = checkpoint_dir(cfg) / "last.ckpt"
+        kept = (
+            f"{last} is intact" if last.is_file() else f"{last} was not written yet (a re-run starts afresh)"
+        )
+        return f"no space left on device ({error}); {kept}: free space and re-run the same command"
+    cause = input_error(error)
+    return one_line(cause) if cause is not None else None
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> dict[str, float]:
     silence_known_noise()
-    try:
+    with exit_on_bad_input((Exception,), partial(failure_message, cfg), log):
         return train(cfg)
-    except Exception as error:
-        if disk_full(error):
-            last = checkpoint_dir(cfg) / "last.ckpt"
-            kept = (
-                f"{last} is intact"
-                if last.is_file()
-                else f"{last} was not written yet (a re-run starts afresh)"
-            )
-            message = f"no space left on device ({error}); {kept}: free space and re-run the same command"
-        elif (cause := input_error(error)) is not None:
-            message = one_line(cause)
-        else:
-            raise
-        log.error(message)
-        raise SystemExit(f"error: {message}") from None
 
 
 def check_override_keys(argv: list[str]) -> None:

@@ -161,3 +161,14 @@ def test_resuming_with_another_vae_is_refused(data):
 def test_missing_vae_weights_name_the_setting(data):
     with pytest.raises(FileNotFoundError, match="vae_weights_path"):
         cache_latents(cache_config(data, f"vae_weights_path={data / 'absent.pt'}"))
+
+
+def test_a_missing_vae_weights_file_is_one_error_line_from_the_command_line(data):
+    result = subprocess.run(
+        [sys.executable, "-m", "repae.cache_latents", *overrides(data, f"vae_weights_path={data / 'missing.pt'}")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "missing.pt" in lines[-1], result.stderr[-3000:]
+    assert not any("Traceback" in line for line in lines)

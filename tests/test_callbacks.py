@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -492,6 +493,58 @@ def test_vae_health_logs_every_listed_metric_and_draws_its_png(tmp_path, monkeyp
     assert (tmp_path / "vae_health.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert health.history["psnr"]["steps"] == [2, 4] and health.images.shape == (6, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert module.vae.training  # the measurement leaves the VAE in the mode training set
+
+
+class WithHeldOutSplits(RandomImages):
+    """RandomImages with a test split, and a validation split too when ``with_val``."""
+
+    def __init__(self, with_val: bool):
+        super().__init__()
+        generator = torch.Generator().manual_seed(1)
+        self.split_images = {
+            split: torch.rand(8, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator) * 2 - 1
+            for split in ("val", "test")
+        }
+        if with_val:
+            self.val_dataloader = lambda: self.split_loader("val")
+
+    def split_loader(self, split):
+        return DataLoader(
+            TensorDataset(self.split_images[split], torch.zeros(8, dtype=torch.long)), batch_size=4
+        )
+
+    def test_dataloader(self):
+        return self.split_loader("test")
+
+
+@pytest.mark.parametrize("with_val", [True, False], ids=["val", "test"])
+def test_vae_health_measures_on_the_validation_split_else_the_test_split_without_a_warning(
+    tmp_path, monkeypatch, with_val
+):
+    monkeypatch.setattr(vae_health_module, "frechet_distance", lambda *stats: 1.5)
+    health = VAEHealthCallback(every_n_steps=1, num_images=6, batch_size=4, effnet_resolution=32)
+    datamodule = WithHeldOutSplits(with_val)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [health], max_steps=1).fit(StubE2E(), datamodule=datamodule)
+    assert not [w for w in caught if "vae_health" in str(w.message)]
+    split = "val" if with_val else "test"
+    assert torch.equal(health.images, images_to_uint8(datamodule.split_images[split][:6]))
+
+
+def test_vae_health_without_a_held_out_split_warns_once_that_it_measures_training_images(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(vae_health_module, "frechet_distance", lambda *stats: 1.5)
+    health = VAEHealthCallback(every_n_steps=1, num_images=6, batch_size=4, effnet_resolution=32)
+    datamodule = RandomImages()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [health], max_steps=2).fit(StubE2E(), datamodule=datamodule)
+    ours = [str(w.message) for w in caught if "vae_health" in str(w.message)]
+    assert len(ours) == 1 and "first 6 training images" in ours[0] and "not held-out" in ours[0]
+    assert health.history["psnr"]["steps"] == [1, 2]  # two measurements, one warning
+    assert torch.equal(health.images, images_to_uint8(datamodule.images[:6]))
 
 
 def test_vae_health_with_a_missing_inception_file_is_an_error_naming_its_key(tmp_path):

@@ -6,6 +6,8 @@ import argparse
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -312,6 +314,31 @@ def test_unknown_or_missing_checkpoints_are_rejected_clearly(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="neither"):
         load_sampling_model(str(tmp_path / "other.pt"))
+
+
+def test_a_vae_only_model_or_checkpoint_says_it_has_nothing_to_sample(tiny_config, tmp_path):
+    from hydra.utils import instantiate
+
+    from repae.config import to_plain
+
+    module = instantiate(to_plain(tiny_config("model=vae_only").model), _recursive_=False)
+    with pytest.raises(ValueError, match="a vae_only model has no SiT, so it has nothing to sample"):
+        module.generate(torch.tensor([0]), torch.randn(1, 4, 8, 8))
+
+    path = tmp_path / "vae_only.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    with pytest.raises(ValueError, match="vae_only checkpoint: it has no SiT, so it has nothing to sample"):
+        load_sampling_model(str(path))
+    # From the command line: one error line and a non-zero exit.
+    command = [
+        sys.executable, "-m", "repae.generate", f"ckpt_path={path}", f"sample_dir={tmp_path}/samples",
+        f"hydra.run.dir={tmp_path}/run", "trainer.accelerator=cpu",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "nothing to sample" in lines[-1], result.stderr[-3000:]
+    assert not any("Traceback" in line for line in lines)
 
 
 def test_the_protocol_of_the_samples_is_written_beside_them(tiny_checkpoint, tmp_path):

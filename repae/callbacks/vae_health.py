@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 
 from repae.callbacks.run import current_step, run_dir
@@ -18,11 +20,27 @@ from repae.reconstruction import psnr, ssim
 PANELS = ("rfd", "psnr", "ssim", "perceptual", "kl", "latent_mean", "latent_std")
 
 
+def held_out_loader(datamodule: LightningDataModule | None) -> Iterable | None:
+    """The data module's validation loader, else its test loader, else None."""
+    if datamodule is None:
+        return None
+    for hook in ("val_dataloader", "test_dataloader"):
+        try:
+            return getattr(datamodule, hook)()
+        except MisconfigurationException:  # Lightning's default hook: the data module has no such split
+            continue
+    return None
+
+
 class VAEHealthCallback(Callback):
     """Every ``every_n_steps`` iterations, measure the VAE on a fixed set of ``num_images`` images.
 
-    The images are the first ``num_images`` of a fresh ``val_dataloader()`` of the data module if it has
-    one, else of its ``train_dataloader()`` (taken once, kept on the CPU). Each image is encoded, its
+    The images are the first ``num_images`` of a held-out split of the data module: its
+    ``val_dataloader()``, else its ``test_dataloader()`` (read once, kept on the CPU). A data module with
+    neither (``ImageDataModule`` has neither) or none at all leaves only training images, which the VAE
+    trains on: the callback then measures the first ``num_images`` of a fresh training loader and warns
+    once, at the start of fit, that its numbers are on training images, not held-out ones (and, as a
+    training loader starts where the run is, other ones after a resume). Each image is encoded, its
     posterior mean decoded, and logged under ``vae/`` to every logger:
 
     - ``rfid`` (Inception, when ``inception_weights_path`` is set) or ``rfd_effnet``
@@ -67,21 +85,28 @@ class VAEHealthCallback(Callback):
             )
         self.rfd_name = "rfid" if self.use_inception else "rfd_effnet"
         self.extractor: torch.nn.Module | None = None
+        self.held_out_loader: Iterable | None = None
         self.images: torch.Tensor | None = None
         self.history: dict[str, dict[str, list]] = {}
 
-    def held_out_images(self, trainer: Trainer) -> torch.Tensor:
-        """The fixed uint8 images [num_images, 3, H, W] (CPU), read once."""
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Chosen here rather than at the first measurement, so that a run without held-out images says
+        # so when it starts, not every_n_steps later.
+        self.held_out_loader = held_out_loader(trainer.datamodule)
+        if self.held_out_loader is None:
+            rank_zero_warn(
+                f"vae_health measures the VAE on the first {self.num_images} training images, which the VAE "
+                "trains on, not held-out ones: the data module has no validation or test split "
+                "(val_dataloader / test_dataloader)"
+            )
+
+    def measured_images(self, trainer: Trainer) -> torch.Tensor:
+        """The fixed uint8 images [num_images, 3, H, W] (CPU), read once: see the class docstring."""
         if self.images is None:
-            datamodule = trainer.datamodule
-            loader = None
-            if datamodule is not None:
-                try:
-                    loader = datamodule.val_dataloader()
-                except MisconfigurationException:  # Lightning's default hook: no validation data
-                    loader = datamodule.train_dataloader()
+            loader = self.held_out_loader
             if loader is None:
-                loader = trainer.train_dataloader
+                datamodule = trainer.datamodule
+                loader = datamodule.train_dataloader() if datamodule is not None else trainer.train_dataloader
             images, count = [], 0
             for batch in loader:
                 batch_images = images_to_uint8(_images_of_batch(batch)[: self.num_images - count])
@@ -106,7 +131,7 @@ class VAEHealthCallback(Callback):
 
     @torch.no_grad()
     def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
-        """The metrics of the VAE on the held-out images (keys without the ``vae/`` prefix)."""
+        """The metrics of the VAE on the measured images (keys without the ``vae/`` prefix)."""
         vae, device = pl_module.vae, pl_module.device
         perceptual = getattr(getattr(pl_module, "vae_loss", None), "perceptual", None)
         extractor = self._extractor(device)
@@ -119,7 +144,7 @@ class VAEHealthCallback(Callback):
         latent_count = 0
         was_training = vae.training
         vae.eval()
-        for images in self.held_out_images(trainer).split(self.batch_size):
+        for images in self.measured_images(trainer).split(self.batch_size):
             images = images.to(device)
             x = images_to_vae_input(images)
             posterior = vae.encode(x)

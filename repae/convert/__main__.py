@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 from hydra.errors import HydraException
 
+from repae.cli import BAD_INPUT, exit_on_bad_input
 from repae.convert.checkpoints import extract_vae
 from repae.convert.diffusers import from_diffusers, to_diffusers
 from repae.convert.official import from_official
@@ -89,10 +90,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    try:
+    with exit_on_bad_input((*BAD_INPUT, HydraException)):
         run(args)
-    except (FileNotFoundError, ValueError, HydraException) as error:
-        raise SystemExit(f"error: {error}") from None
 
 
 def run(args: argparse.Namespace) -> None:
