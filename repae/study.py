@@ -30,6 +30,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
+from repae.cli import exit_on_bad_input
 from repae.datamodules.datasets import FashionMNIST
 from repae.metrics import EfficientNetFeatures, FeatureStatistics, frechet_distance, save_reference_statistics
 from repae.modules.vae import build_vae, images_to_vae_input, load_vae_weights
@@ -476,13 +477,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.parallel < 1:
         raise SystemExit("error: --parallel must be at least 1")
-    try:
+    with exit_on_bad_input((RuntimeError, FileNotFoundError, subprocess.CalledProcessError)):
         if args.report_only:
             report(args.out)
         else:
             study(args.out, args.parallel, args.smoke)
-    except (RuntimeError, FileNotFoundError, subprocess.CalledProcessError) as error:
-        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":
