@@ -37,6 +37,7 @@ class StubREPAE(LightningModule):
 
     num_classes = 10
     latent_shape = (4, 4, 4)
+
     def __init__(self, max_train_steps: int = 7):
         super().__init__()
         self.max_train_steps = max_train_steps
@@ -530,6 +531,22 @@ def test_vae_health_measures_on_the_validation_split_else_the_test_split_without
     assert not [w for w in caught if "vae_health" in str(w.message)]
     split = "val" if with_val else "test"
     assert torch.equal(health.images, images_to_uint8(datamodule.split_images[split][:6]))
+
+
+def test_vae_health_measures_on_its_own_dataset_when_given_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(vae_health_module, "frechet_distance", lambda *stats: 1.5)
+    images = torch.randint(0, 256, (8, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
+    dataset = [{"image": image} for image in images]
+    health = VAEHealthCallback(
+        every_n_steps=1, num_images=6, batch_size=4, effnet_resolution=32, dataset=dataset
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [health], max_steps=1).fit(
+            StubE2E(), datamodule=WithHeldOutSplits(with_val=True)
+        )
+    assert not [w for w in caught if "vae_health" in str(w.message)]
+    assert torch.equal(health.images, images[:6])  # the dataset's, not the data module's validation split
 
 
 def test_vae_health_without_a_held_out_split_warns_once_that_it_measures_training_images(

@@ -10,6 +10,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
+from torch.utils.data import DataLoader, Dataset
 
 from repae.callbacks.run import current_step, run_dir
 from repae.callbacks.sampling import _images_of_batch, images_to_uint8
@@ -35,8 +36,10 @@ def held_out_loader(datamodule: LightningDataModule | None) -> Iterable | None:
 class VAEHealthCallback(Callback):
     """Every ``every_n_steps`` iterations, measure the VAE on a fixed set of ``num_images`` images.
 
-    The images are the first ``num_images`` of a held-out split of the data module: its
-    ``val_dataloader()``, else its ``test_dataloader()`` (read once, kept on the CPU). A data module with
+    The images are the first ``num_images`` of ``dataset`` when given (a dataset of
+    ``{"image": uint8 [3,H,W]}`` samples, e.g. a held-out test split, as the FD callback's
+    ``reference_dataset``), else of a held-out split of the data module: its ``val_dataloader()``, else
+    its ``test_dataloader()`` (read once, kept on the CPU). A data module with
     neither (``ImageDataModule`` has neither) or none at all leaves only training images, which the VAE
     trains on: the callback then measures the first ``num_images`` of a fresh training loader and warns
     once, at the start of fit, that its numbers are on training images, not held-out ones (and, as a
@@ -64,6 +67,7 @@ class VAEHealthCallback(Callback):
         effnet_resolution: int = 128,
         seed: int = 0,
         filename: str = "vae_health.png",
+        dataset: Dataset | None = None,
     ):
         if every_n_steps <= 0 or num_images < 2 or batch_size <= 0:
             raise ValueError("every_n_steps and batch_size must be positive, num_images >= 2")
@@ -74,6 +78,7 @@ class VAEHealthCallback(Callback):
         self.effnet_resolution = effnet_resolution
         self.seed = seed
         self.filename = filename
+        self.dataset = dataset
         self.use_inception = inception_weights_path is not None
         if self.use_inception and not os.path.isfile(
             inception_weights_path
@@ -92,12 +97,15 @@ class VAEHealthCallback(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Chosen here rather than at the first measurement, so that a run without held-out images says
         # so when it starts, not every_n_steps later.
-        self.held_out_loader = held_out_loader(trainer.datamodule)
+        if self.dataset is not None:
+            self.held_out_loader = DataLoader(self.dataset, batch_size=self.batch_size)
+        else:
+            self.held_out_loader = held_out_loader(trainer.datamodule)
         if self.held_out_loader is None:
             rank_zero_warn(
                 f"vae_health measures the VAE on the first {self.num_images} training images, which the VAE "
                 "trains on, not held-out ones: the data module has no validation or test split "
-                "(val_dataloader / test_dataloader)"
+                "(val_dataloader / test_dataloader); set callbacks.vae_health.dataset to a held-out dataset"
             )
 
     def measured_images(self, trainer: Trainer) -> torch.Tensor:
