@@ -32,7 +32,7 @@ def test_the_loader_benchmark_times_both_loaders_on_files_of_the_project_tools_a
                 int(workers), 1
             )
             assert timing["runs"][0]["batch"]["image"] == [[4, 3, 32, 32], "torch.uint8"]
-        assert {"h5_read", "png_decode", "getitem", "collate"} <= set(entry["per_sample_ms"])
+        assert {"h5_read", "png_decode", "getitem", "collate"} <= set(entry["per_sample_ms"]["threads_1"])
     assert result["loaders"]["cached_latents"]["workers"]["1"]["runs"][0]["batch"]["latent"] == [
         [4, 64, 2, 2],
         "torch.float32",

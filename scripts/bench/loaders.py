@@ -8,17 +8,19 @@ The files are made by the project's own tools from synthetic photographs: JPEGs 
 gradient, turned into ``images.h5`` by ``repae.preprocess`` (ADM center crop, uncompressed PNG
 per image, as the official preprocessing) and into a latent cache by ``repae.cache_latents``. The
 cache's VAE has the latent shape of ``--vae`` but a narrow encoder with random weights (32
-channels, no residual blocks, no attention), so caching takes about a minute on a CPU: the loader
-reads float32 [mean; std] arrays of the real shape, whatever their values.
+channels, no residual blocks, no attention), so caching 1,408 images takes 1.5-3 minutes on 2 CPU
+cores: the loader reads float32 [mean; std] arrays of the real shape, whatever their values.
 
 Each loader is built as a run builds it: the training config is composed with
 ``data=<loader>``, the datamodule instantiated and its ``train_dataloader()`` iterated (no GPU:
 ``pin_memory`` is off). After ``--warmup`` batches (which include starting the workers), the next
-``--batches`` are timed; each sample is read once (the files hold exactly the images the timed
-batches need), so h5 reads are of files in the page cache: the CPU's cost, not the storage's.
+``--batches`` are timed; each sample is read once (the files hold exactly the images of the warm-up
+and timed batches), so h5 reads are of files in the page cache: the CPU's cost, not the storage's.
 ``images_per_second_per_process`` divides by the worker count (by 1 with 0 workers: the main
-process loads). ``per_sample_ms`` splits one sample's cost (one thread, as in a worker): the h5
-read, the PNG decode, the rest of ``__getitem__`` (array and tensor copies) and the collate.
+process loads); the workers' and the main process's CPU time per image are counted over the epoch.
+``per_sample_ms`` splits one sample's CPU cost into the h5 read, the PNG decode, the rest of
+``__getitem__`` (array and tensor copies) and the collate, with one torch thread (as in a worker)
+and with torch's default count (as in the main process, which loads with ``num_workers=0``).
 """
 
 from __future__ import annotations
@@ -207,10 +209,11 @@ def time_loader(config: DictConfig, num_workers: int, warmup: int, batches: int)
     }
 
 
-def per_sample_ms(config: DictConfig, data_dir: Path, count: int) -> dict:
-    """One sample's CPU milliseconds, by part, with one torch thread (as in a DataLoader worker)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def per_sample_ms(config: DictConfig, data_dir: Path, count: int, threads: int) -> dict:
+    """One sample's CPU milliseconds, by part, with ``threads`` torch threads (a DataLoader worker
+    runs one; ``getitem_rest``, the array and tensor copies, is a difference of separate passes)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     module = datamodule(config, 0)
     dataset, batch_size = module.dataset, module.batch_size
     has_latents = "latents_name" in config.dataset
@@ -238,7 +241,7 @@ def per_sample_ms(config: DictConfig, data_dir: Path, count: int) -> dict:
         default_collate(samples)
         parts["getitem"] += got - start
         parts["collate"] += time.process_time() - got
-    torch.set_num_threads(threads)
+    torch.set_num_threads(previous)
     timed = count // batch_size * batch_size
     result = {key: 1e3 * parts[key] / count for key in ("h5_read", "png_decode", "latent_read")}
     result.update({key: 1e3 * parts[key] / timed for key in ("getitem", "collate")})
@@ -293,10 +296,11 @@ def main(argv: list[str] | None = None) -> dict:
         results["loaders"] = {}
         for loader in args.loaders:
             config = data_config(loader, data_dir, args.batch_size)
-            results["loaders"][loader] = entry = {
-                "per_sample_ms": per_sample_ms(config, data_dir, count),
-                "workers": {},
+            profile = {
+                f"threads_{threads}": per_sample_ms(config, data_dir, count, threads)
+                for threads in sorted({1, torch.get_num_threads()})
             }
+            results["loaders"][loader] = entry = {"per_sample_ms": profile, "workers": {}}
             for workers in args.workers:
                 runs = [time_loader(config, workers, args.warmup, args.batches) for _ in range(args.repeats)]
                 median = statistics.median(run["images_per_second"] for run in runs)
