@@ -57,9 +57,8 @@ def _image_to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL image -> uint8 tensor [3, H, W] (RGB).
 
     numpy makes the channels-first copy: torch splits its copy of a permuted uint8 image over its
-    intra-op threads, and with two that made a sample cost 5x the CPU time of the whole one-thread
-    sample (``data.num_workers=0``; a DataLoader worker runs one thread): docs/performance.md,
-    "Data loading".
+    intra-op threads, and with two (``data.num_workers=0`` on 2 cores) a sample cost 6-7x its CPU
+    time in a DataLoader worker, which runs one thread: docs/performance.md, "Data loading".
     """
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy())
 
