@@ -1,5 +1,5 @@
-"""What the GPU benchmarks in ``scripts/`` share: the MFU yardstick, GPU timing, the VAE benchmarks'
-options and shapes, and writing the results.
+"""What the benchmarks in ``scripts/`` share: the MFU yardstick, GPU timing, the VAE benchmarks'
+options and shapes, where a result came from (command, commit, CPU), and writing the results.
 
 The step benchmark (``scripts/benchmark.py``) and the micro-benchmarks (``scripts/bench/``) run by
 path (``python scripts/bench/group_norm.py ...``); this module is their one import besides the model
@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -45,6 +49,41 @@ def time_ms(function, repeats: int = 10) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``"unknown"`` where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def provenance() -> dict:
+    """Where a result came from: the command as typed from the repository root, the commit (and
+    whether the working tree differed from it), the CPU model and the cores this process may use."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        return done.stdout.strip()
+
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(root) if script.is_relative_to(root) else script
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "command": shlex.join(["python", str(shown), *sys.argv[1:]]),
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted_changes": None if status is None else bool(status),
+        "cpu_model": cpu_model(),
+        "cpu_cores": len(os.sched_getaffinity(0)),
+    }
 
 
 def report(results: dict, output: Path | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import pickle
 from pathlib import Path
@@ -23,6 +24,7 @@ from repae.datamodules.datasets import (
     FashionMNIST,
     H5Images,
     ImageFolder,
+    write_h5_encoded_images,
     write_h5_images,
     write_h5_latents,
 )
@@ -255,6 +257,43 @@ def test_cached_latents_length_mismatch_is_a_clear_error(tmp_path):
     write_h5_latents(tmp_path, "toy-vae", np.zeros((3, 8, 4, 4), np.float32), range(3))
     with pytest.raises(ValueError, match="4 images but .* 3 latents"):
         CachedLatents(str(tmp_path), "toy-vae")
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="png", compress_level=0)
+    return buffer.getvalue()
+
+
+def test_loaded_images_are_the_pixels_the_permuted_tensor_conversion_gave_in_any_png_mode(tmp_path):
+    """Images are made channels-first by numpy (torch's copy was slow with several threads): the
+    samples, and batches loaded in the main process with two threads, are those of the former
+    ``torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)``."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (12, 20, 4), dtype=np.uint8)
+    images = [
+        Image.fromarray(pixels[..., :3]),
+        Image.fromarray(pixels[..., 0], mode="L"),
+        Image.fromarray(pixels, mode="RGBA"),
+        Image.fromarray(pixels[..., :3]).convert("P", palette=Image.Palette.ADAPTIVE),
+    ]
+    write_h5_encoded_images(tmp_path, [_png(image) for image in images], range(len(images)))
+    expected = torch.stack([
+        torch.from_numpy(np.array(Image.open(io.BytesIO(_png(image))).convert("RGB"))).permute(2, 0, 1)
+        for image in images
+    ])  # fmt: skip
+    dataset = H5Images(str(tmp_path))
+    for i in range(len(images)):
+        sample = dataset[i]["image"]
+        assert sample.dtype == torch.uint8 and sample.is_contiguous()
+        assert torch.equal(sample, expected[i])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batch = next(iter(DataLoader(dataset, batch_size=len(images), num_workers=0)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(batch["image"], expected)
 
 
 # ----------------------------------------------------------------------------- sampler

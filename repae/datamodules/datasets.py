@@ -54,8 +54,13 @@ def image_extensions() -> set[str]:
 
 
 def _image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL image -> uint8 tensor [3, H, W] (RGB)."""
-    return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    """PIL image -> uint8 tensor [3, H, W] (RGB).
+
+    numpy makes the channels-first copy: torch splits its copy of a permuted uint8 image over its
+    intra-op threads, and with two (``data.num_workers=0`` on 2 cores) a sample cost 6-7x its CPU
+    time in a DataLoader worker, which runs one thread: docs/performance.md, "Data loading".
+    """
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy())
 
 
 def _as_bytes(value: Any) -> bytes:
