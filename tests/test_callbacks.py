@@ -549,6 +549,16 @@ def test_vae_health_measures_on_its_own_dataset_when_given_one(tmp_path, monkeyp
     assert torch.equal(health.images, images[:6])  # the dataset's, not the data module's validation split
 
 
+def test_vae_health_measures_on_the_data_modules_held_out_split(tmp_path, monkeypatch):
+    monkeypatch.setattr(vae_health_module, "frechet_distance", lambda *stats: 1.5)
+    images = torch.randint(0, 256, (8, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
+    datamodule = WithHeldOutSplits(with_val=True)
+    datamodule.held_out = [{"image": image} for image in images]  # data.held_out, before val and test
+    health = VAEHealthCallback(every_n_steps=1, num_images=6, batch_size=4, effnet_resolution=32)
+    make_trainer(tmp_path, [health], max_steps=1).fit(StubE2E(), datamodule=datamodule)
+    assert torch.equal(health.images, images[:6])
+
+
 def test_vae_health_without_a_held_out_split_warns_once_that_it_measures_training_images(
     tmp_path, monkeypatch
 ):

@@ -38,8 +38,9 @@ class VAEHealthCallback(Callback):
 
     The images are the first ``num_images`` of ``dataset`` when given (a dataset of
     ``{"image": uint8 [3,H,W]}`` samples, e.g. a held-out test split, as the FD callback's
-    ``reference_dataset``), else of a held-out split of the data module: its ``val_dataloader()``, else
-    its ``test_dataloader()`` (read once, kept on the CPU). A data module with
+    ``reference_dataset``), else of the data module's held-out split: its ``held_out`` dataset
+    (``data.held_out``), else its ``val_dataloader()``, else its ``test_dataloader()`` (read once, kept on
+    the CPU). A data module with
     neither (``ImageDataModule`` has neither) or none at all leaves only training images, which the VAE
     trains on: the callback then measures the first ``num_images`` of a fresh training loader and warns
     once, at the start of fit, that its numbers are on training images, not held-out ones (and, as a
@@ -97,15 +98,16 @@ class VAEHealthCallback(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Chosen here rather than at the first measurement, so that a run without held-out images says
         # so when it starts, not every_n_steps later.
-        if self.dataset is not None:
-            self.held_out_loader = DataLoader(self.dataset, batch_size=self.batch_size)
+        dataset = self.dataset if self.dataset is not None else getattr(trainer.datamodule, "held_out", None)
+        if dataset is not None:
+            self.held_out_loader = DataLoader(dataset, batch_size=self.batch_size)
         else:
             self.held_out_loader = held_out_loader(trainer.datamodule)
         if self.held_out_loader is None:
             rank_zero_warn(
                 f"vae_health measures the VAE on the first {self.num_images} training images, which the VAE "
                 "trains on, not held-out ones: the data module has no validation or test split "
-                "(val_dataloader / test_dataloader); set callbacks.vae_health.dataset to a held-out dataset"
+                "(val_dataloader / test_dataloader); set data.held_out (or callbacks.vae_health.dataset) to a held-out dataset"
             )
 
     def measured_images(self, trainer: Trainer) -> torch.Tensor:

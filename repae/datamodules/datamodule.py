@@ -169,6 +169,8 @@ class ImageDataModule(L.LightningDataModule):
         persistent_workers: keep workers alive between epochs; ``None`` = ``num_workers > 0``.
             Persistent workers keep the RNG seeds of the epoch they were started in.
         on_corrupt: ``"error"`` or ``"skip"`` (``data.on_corrupt``).
+        held_out: a held-out split of the same data (never trained on) for callbacks that measure the
+            model, e.g. ``VAEHealthCallback`` (``data.held_out``); None: the data has none configured.
     """
 
     def __init__(
@@ -181,11 +183,13 @@ class ImageDataModule(L.LightningDataModule):
         drop_last: bool = True,
         persistent_workers: bool | None = None,
         on_corrupt: str = "error",
+        held_out: Dataset | None = None,
     ):
         super().__init__()
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"data.on_corrupt must be one of {', '.join(ON_CORRUPT)}, got {on_corrupt!r}")
         self.dataset = dataset
+        self.held_out = held_out
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
