@@ -14,10 +14,14 @@ from conftest import TINY_OVERRIDES
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_a_run_redirected_to_a_file_prints_plain_progress_lines_train_log_holds_them_and_no_known_noise(
+def test_a_run_redirected_to_a_file_prints_plain_progress_lines_train_log_holds_them_a_summary_without_flops_and_no_known_noise(
     tmp_path,
 ):
-    overrides = [o for o in TINY_OVERRIDES if not o.startswith("trainer.log_every_n_steps")]
+    overrides = [
+        o
+        for o in TINY_OVERRIDES
+        if not o.startswith(("trainer.log_every_n_steps", "callbacks.model_summary"))
+    ]
     log_file = tmp_path / "stdout.log"
     with open(log_file, "w") as stdout:
         subprocess.run(
@@ -40,6 +44,9 @@ def test_a_run_redirected_to_a_file_prints_plain_progress_lines_train_log_holds_
     assert (
         "litlogger" not in output and "in eval mode at the start" not in output and "LeafSpec" not in output
     )
+    # The model summary, without the FLOPs Lightning cannot count for our model (always 0).
+    assert "| sit " in output and "Trainable params" in output
+    assert "FLOPs" not in output and "Total Flops" not in output
 
 
 def test_the_tensorboard_logger_writes_event_files(tiny_config, tmp_path):
