@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,12 @@ COMMON = [
     "callbacks.loss_curve=null",
     "callbacks.checkpoint=null",
 ]
+# The gloo runs, shared by the tests below: a checkpoint after every step, 4 images a global batch.
+WITH_CHECKPOINTS = [
+    *(o for o in COMMON if o != "callbacks.checkpoint=null"),
+    "callbacks.checkpoint.every_n_steps=1",
+    "data.batch_size=4",
+]
 
 
 def run(run_dir: Path, *overrides: str, common: list[str] = COMMON) -> None:
@@ -52,6 +59,7 @@ def run(run_dir: Path, *overrides: str, common: list[str] = COMMON) -> None:
 # The last case also samples image grids from the sharded EMA between steps, which must leave it
 # sharded like the SiT even when the SiT keeps its gathered blocks until the backward.
 GLOO_CASES = {
+    "single": [],
     "ddp": ["trainer=ddp_cpu"],
     "fsdp": ["trainer=fsdp_cpu"],
     "fsdp-no-reshard-with-grids": [
@@ -63,23 +71,34 @@ GLOO_CASES = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("overrides", GLOO_CASES.values(), ids=GLOO_CASES.keys())
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, overrides):
-    run(tmp_path / "single", "data.batch_size=4")
-    run(tmp_path / "ddp", "data.batch_size=4", *overrides)
-    assert_same_training(tmp_path)
+@pytest.fixture(scope="module")
+def gloo_runs(tmp_path_factory):
+    """The 2-step run of a ``GLOO_CASES`` name, made on first use and shared by the tests that read
+    it: the one-process run is the reference of every two-process run, and the sharded run is also
+    the start of the resume test (which continues copies, never the shared runs)."""
+    root = tmp_path_factory.mktemp("gloo")
+
+    def made(name: str) -> Path:
+        if not (root / name).is_dir():
+            run(root / name, *GLOO_CASES[name], common=WITH_CHECKPOINTS)
+        return root / name
+
+    return made
 
 
 @pytest.mark.slow
-def test_a_sharded_run_saves_full_checkpoints_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("case", [name for name in GLOO_CASES if name != "single"])
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(gloo_runs, case):
+    assert_same_training(gloo_runs("single"), gloo_runs(case))
+
+
+@pytest.mark.slow
+def test_a_sharded_run_saves_full_checkpoints_and_resumes_exactly(tmp_path, gloo_runs):
     """trainer=fsdp writes the same single-file checkpoint as one process (full tensors, optimizer
     states indexed per optimizer), a run resumed from it continues as if never stopped, and a
     single-process run continues under sharding."""
-    with_checkpoints = [o for o in COMMON if o != "callbacks.checkpoint=null"]
-    with_checkpoints += ["callbacks.checkpoint.every_n_steps=1", "data.batch_size=4"]
-    run(tmp_path / "single", common=with_checkpoints)
-    run(tmp_path / "resumed", "trainer=fsdp_cpu", common=with_checkpoints)
+    shutil.copytree(gloo_runs("single"), tmp_path / "single")
+    shutil.copytree(gloo_runs("fsdp"), tmp_path / "resumed")
     single = torch.load(tmp_path / "single" / "checkpoints" / "last.ckpt", weights_only=True)
     sharded = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert sharded["state_dict"].keys() == single["state_dict"].keys()
@@ -94,8 +113,8 @@ def test_a_sharded_run_saves_full_checkpoints_and_resumes_exactly(tmp_path):
             assert state["exp_avg"].shape == sharded_optimizer["state"][index]["exp_avg"].shape
 
     longer = ["model.max_train_steps=3"]
-    run(tmp_path / "resumed", "trainer=fsdp_cpu", *longer, common=with_checkpoints)
-    run(tmp_path / "uninterrupted", "trainer=fsdp_cpu", *longer, common=with_checkpoints)
+    run(tmp_path / "resumed", "trainer=fsdp_cpu", *longer, common=WITH_CHECKPOINTS)
+    run(tmp_path / "uninterrupted", "trainer=fsdp_cpu", *longer, common=WITH_CHECKPOINTS)
     resumed = torch.load(tmp_path / "resumed" / "weights_rank0.pt")
     uninterrupted = torch.load(tmp_path / "uninterrupted" / "weights_rank0.pt")
     assert (tmp_path / "resumed" / "steps_rank0.txt").read_text() == "3", "the run did not resume at step 3"
@@ -104,8 +123,8 @@ def test_a_sharded_run_saves_full_checkpoints_and_resumes_exactly(tmp_path):
 
     # The single-process run continues under sharding: its third step equals a single process's
     # third step up to one step's float rounding of the gradient reductions.
-    run(tmp_path / "single", "trainer=fsdp_cpu", *longer, common=with_checkpoints)
-    run(tmp_path / "single_uninterrupted", *longer, common=with_checkpoints)
+    run(tmp_path / "single", "trainer=fsdp_cpu", *longer, common=WITH_CHECKPOINTS)
+    run(tmp_path / "single_uninterrupted", *longer, common=WITH_CHECKPOINTS)
     assert (tmp_path / "single" / "steps_rank0.txt").read_text() == "3", "the run did not resume at step 3"
     final = torch.load(tmp_path / "single" / "checkpoints" / "last.ckpt", weights_only=True)
     for optimizer in final["optimizer_states"]:  # the Adam moments and step counts carried over
@@ -151,15 +170,15 @@ GPU = ["trainer.accelerator=gpu", "trainer.precision=32-true", "trainer.benchmar
 def test_two_nccl_gpus_match_one_gpu_with_the_same_global_batch(tmp_path, trainer):
     run(tmp_path / "single", "data.batch_size=4", *GPU, "trainer.devices=1")
     run(tmp_path / "ddp", "data.batch_size=4", f"trainer={trainer}", *GPU, "trainer.devices=2")
-    assert_same_training(tmp_path)
+    assert_same_training(tmp_path / "single", tmp_path / "ddp")
 
 
-def assert_same_training(tmp_path: Path) -> None:
+def assert_same_training(single_run: Path, two_process_run: Path) -> None:
     """Every parameter, EMA tensor and BN buffer is identical on both ranks and equal to the
     single-process run's."""
-    single = torch.load(tmp_path / "single" / "weights_rank0.pt")
-    rank0 = torch.load(tmp_path / "ddp" / "weights_rank0.pt")
-    rank1 = torch.load(tmp_path / "ddp" / "weights_rank1.pt")
+    single = torch.load(single_run / "weights_rank0.pt")
+    rank0 = torch.load(two_process_run / "weights_rank0.pt")
+    rank1 = torch.load(two_process_run / "weights_rank1.pt")
     assert rank0["train_step"] == rank1["train_step"] == single["train_step"] == 2
     for key, value in rank0.items():
         if (
