@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,28 +35,49 @@ COMMON = [
     "model.loss.discriminator_start=1000",
     "callbacks.image_grid=null",
     "callbacks.loss_curve=null",
-    "callbacks.checkpoint=null",
-]
-# The gloo runs, shared by the tests below: a checkpoint after every step, 4 images a global batch.
-WITH_CHECKPOINTS = [
-    *(o for o in COMMON if o != "callbacks.checkpoint=null"),
     "callbacks.checkpoint.every_n_steps=1",
-    "data.batch_size=4",
+    "data.batch_size=4",  # the global batch
 ]
 
 
-def run(run_dir: Path, *overrides: str, common: list[str] = COMMON) -> None:
-    root = Path(__file__).resolve().parents[1]
-    paths = [str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
-    result = subprocess.run(
-        [sys.executable, str(HELPER), str(run_dir), *common, *overrides],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+class DeterministicRuns:
+    """Runs ``helpers/deterministic_run.py RUN_DIR *COMMON *overrides`` through one ``--serve``
+    process, so that only the other ranks of a multi-process run pay for the imports."""
+
+    def __init__(self):
+        root = Path(__file__).resolve().parents[1]
+        paths = [str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")]
+        # One thread per process, as Lightning sets for each rank of a multi-process run: on two
+        # busy cores a spinning second OpenMP thread can make a 1-second step take 20.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths)), "OMP_NUM_THREADS": "1"}
+        self.server = subprocess.Popen(
+            [sys.executable, str(HELPER), "--serve"],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its runs and their ranks share its process group
+        )
+
+    def __call__(self, run_dir: Path, *overrides: str) -> None:
+        self.server.stdin.write(json.dumps([str(run_dir), *COMMON, *overrides]) + "\n")
+        self.server.stdin.flush()
+        if not select.select([self.server.stdout], [], [], 600)[0]:
+            os.killpg(self.server.pid, signal.SIGKILL)
+            pytest.fail(f"{run_dir} took over 10 minutes")
+        exit_code = self.server.stdout.readline().strip()
+        assert exit_code == "0", Path(f"{run_dir}.log").read_text()[-4000:]
+
+    def close(self) -> None:
+        self.server.stdin.close()
+        self.server.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def run():
+    runs = DeterministicRuns()
+    yield runs
+    runs.close()
 
 
 # The last case also samples image grids from the sharded EMA between steps, which must leave it
@@ -72,7 +96,7 @@ GLOO_CASES = {
 
 
 @pytest.fixture(scope="module")
-def gloo_runs(tmp_path_factory):
+def gloo_runs(tmp_path_factory, run):
     """The 2-step run of a ``GLOO_CASES`` name, made on first use and shared by the tests that read
     it: the one-process run is the reference of every two-process run, and the sharded run is also
     the start of the resume test (which continues copies, never the shared runs)."""
@@ -80,7 +104,7 @@ def gloo_runs(tmp_path_factory):
 
     def made(name: str) -> Path:
         if not (root / name).is_dir():
-            run(root / name, *GLOO_CASES[name], common=WITH_CHECKPOINTS)
+            run(root / name, *GLOO_CASES[name])
         return root / name
 
     return made
@@ -93,7 +117,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(gloo_ru
 
 
 @pytest.mark.slow
-def test_a_sharded_run_saves_full_checkpoints_and_resumes_exactly(tmp_path, gloo_runs):
+def test_a_sharded_run_saves_full_checkpoints_and_resumes_exactly(tmp_path, gloo_runs, run):
     """trainer=fsdp writes the same single-file checkpoint as one process (full tensors, optimizer
     states indexed per optimizer), a run resumed from it continues as if never stopped, and a
     single-process run continues under sharding."""
@@ -113,8 +137,8 @@ def test_a_sharded_run_saves_full_checkpoints_and_resumes_exactly(tmp_path, gloo
             assert state["exp_avg"].shape == sharded_optimizer["state"][index]["exp_avg"].shape
 
     longer = ["model.max_train_steps=3"]
-    run(tmp_path / "resumed", "trainer=fsdp_cpu", *longer, common=WITH_CHECKPOINTS)
-    run(tmp_path / "uninterrupted", "trainer=fsdp_cpu", *longer, common=WITH_CHECKPOINTS)
+    run(tmp_path / "resumed", "trainer=fsdp_cpu", *longer)
+    run(tmp_path / "uninterrupted", "trainer=fsdp_cpu", *longer)
     resumed = torch.load(tmp_path / "resumed" / "weights_rank0.pt")
     uninterrupted = torch.load(tmp_path / "uninterrupted" / "weights_rank0.pt")
     assert (tmp_path / "resumed" / "steps_rank0.txt").read_text() == "3", "the run did not resume at step 3"
@@ -123,8 +147,8 @@ def test_a_sharded_run_saves_full_checkpoints_and_resumes_exactly(tmp_path, gloo
 
     # The single-process run continues under sharding: its third step equals a single process's
     # third step up to one step's float rounding of the gradient reductions.
-    run(tmp_path / "single", "trainer=fsdp_cpu", *longer, common=WITH_CHECKPOINTS)
-    run(tmp_path / "single_uninterrupted", *longer, common=WITH_CHECKPOINTS)
+    run(tmp_path / "single", "trainer=fsdp_cpu", *longer)
+    run(tmp_path / "single_uninterrupted", *longer)
     assert (tmp_path / "single" / "steps_rank0.txt").read_text() == "3", "the run did not resume at step 3"
     final = torch.load(tmp_path / "single" / "checkpoints" / "last.ckpt", weights_only=True)
     for optimizer in final["optimizer_states"]:  # the Adam moments and step counts carried over
@@ -167,9 +191,9 @@ GPU = ["trainer.accelerator=gpu", "trainer.precision=32-true", "trainer.benchmar
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("trainer", ["ddp", "fsdp"])
-def test_two_nccl_gpus_match_one_gpu_with_the_same_global_batch(tmp_path, trainer):
-    run(tmp_path / "single", "data.batch_size=4", *GPU, "trainer.devices=1")
-    run(tmp_path / "ddp", "data.batch_size=4", f"trainer={trainer}", *GPU, "trainer.devices=2")
+def test_two_nccl_gpus_match_one_gpu_with_the_same_global_batch(tmp_path, run, trainer):
+    run(tmp_path / "single", *GPU, "trainer.devices=1")
+    run(tmp_path / "ddp", f"trainer={trainer}", *GPU, "trainer.devices=2")
     assert_same_training(tmp_path / "single", tmp_path / "ddp")
 
 
