@@ -1,6 +1,7 @@
 """Run the training entry point as separate processes with injected faults (for test_reliability.py).
 
-Usage: ``python tests/fault_runner.py plan.json results.json``. The plan is ``{"cases": [case, ...]}``
+Usage: ``python tests/fault_runner.py``, then one line ``plan.json results.json`` on stdin per plan
+(``serve``; the tests' ``entry_points`` fixture keeps one running). The plan is ``{"cases": [case, ...]}``
 and each case one run of ``python -m repae.train *argv`` in its own process: a child forked from
 this one after the heavy imports (torch, Lightning: most of a tiny run's start-up time), which
 then runs the ``repae.train`` module as ``__main__`` the way ``python -m`` does. The child's stdout
@@ -48,6 +49,7 @@ import runpy
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -257,7 +259,7 @@ def outcome(status: int, case: dict, out_dir: Path) -> dict:
     }
 
 
-def main(plan_path: str, results_path: str) -> None:
+def run_plan(plan_path: str, results_path: str) -> None:
     cases = json.loads(Path(plan_path).read_text())["cases"]
     out_dir = Path(results_path).parent
     results, background = {}, {}
@@ -278,5 +280,19 @@ def main(plan_path: str, results_path: str) -> None:
     Path(results_path).write_text(json.dumps(results, indent=1))
 
 
+def serve() -> None:
+    """For each stdin line ``PLAN RESULTS``: run the plan with its folder as the working directory and
+    that folder's ``tmp/`` as the temporary directory (where a test can look for files a run left),
+    then answer one line once the results are written. One start-up for every plan of a test session."""
+    for line in sys.stdin:
+        plan_path, results_path = line.split()
+        work = Path(plan_path).parent
+        os.chdir(work)
+        os.environ["TMPDIR"] = str(work / "tmp")
+        tempfile.tempdir = None  # tempfile caches the folder it found first
+        run_plan(plan_path, results_path)
+        print("done", flush=True)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    serve()
