@@ -162,27 +162,15 @@ def test_a_sharded_run_saves_full_checkpoints_and_resumes_exactly(tmp_path, gloo
 
 
 @pytest.mark.slow
-def test_a_sharded_module_name_the_model_lacks_stops_with_one_clear_error(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "repae.train",
-            *TINY_OVERRIDES,
-            f"paths.root_dir={tmp_path}",
-            "trainer=fsdp_cpu",
-            "trainer.strategy.sharded_modules=[sit,transformer]",
-        ],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+def test_a_sharded_module_name_the_model_lacks_stops_with_one_clear_error(tmp_path, entry_points):
+    argv = [*TINY_OVERRIDES, f"paths.root_dir={tmp_path}", "trainer=fsdp_cpu",
+            "trainer.strategy.sharded_modules=[sit,transformer]"]  # fmt: skip
+    result = entry_points(tmp_path / "runner", [{"name": "unknown", "argv": argv}])["unknown"]
+    assert result["exitcode"] == 1, result["stderr"][-3000:]
+    assert "Traceback" not in result["stderr"], result["stderr"][-3000:]
     assert (
         "error: trainer.strategy.sharded_modules names no submodule of the model: ['transformer']"
-        in result.stderr
+        in result["stderr"]
     )
 
 
