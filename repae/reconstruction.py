@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 from repae.config import build_model
 from repae.convert.checkpoints import load_checkpoint
@@ -45,6 +44,9 @@ def psnr(originals: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor
 
 def ssim(originals: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
     """Per-image SSIM of uint8 images [B, 3, H, W] (Gaussian window 11, sigma 1.5, range 255) -> [B]."""
+    # Imported here: torchmetrics takes seconds to import, and the study imports this module for psnr.
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     return structural_similarity_index_measure(
         reconstructions.double(), originals.double(), data_range=255.0, reduction="none"
     )

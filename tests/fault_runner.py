@@ -1,8 +1,9 @@
 """Run the training entry point as separate processes with injected faults (for test_reliability.py).
 
-Usage: ``python tests/fault_runner.py plan.json results.json``. The plan is ``{"cases": [case, ...]}``
+Usage: ``python tests/fault_runner.py``, then one line ``plan.json results.json`` on stdin per plan
+(``serve``; the tests' ``entry_points`` fixture keeps one running). The plan is ``{"cases": [case, ...]}``
 and each case one run of ``python -m repae.train *argv`` in its own process: a child forked from
-this one after the heavy imports (torch, Lightning, timm: most of a tiny run's start-up time), which
+this one after the heavy imports (torch, Lightning: most of a tiny run's start-up time), which
 then runs the ``repae.train`` module as ``__main__`` the way ``python -m`` does. The child's stdout
 and stderr go to files and its end is observed with ``waitpid``, so a SIGKILL is seen as exactly
 that. Cases run one after the other in plan order; a ``background`` case is started without
@@ -48,7 +49,9 @@ import runpy
 import shutil
 import signal
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import hydra  # noqa: F401  (imported before forking, so that no run pays for it)
@@ -207,15 +210,29 @@ FAULTS = {
 
 def run_child(case: dict, out_dir: Path) -> None:
     """In the forked child: redirect output, install the faults, run the entry point. Never returns:
-    ``main``'s SystemExit (or any exception) ends the child as it would end ``python -m repae.train``."""
+    the child ends as ``python -m repae.train`` would (exit code, the message of a SystemExit or the
+    traceback of an exception, atexit handlers), less the interpreter's teardown of its modules,
+    which takes a second or more with torch and Lightning loaded."""
     for fd, stream in ((1, "stdout"), (2, "stderr")):
         with open(out_dir / f"{case['name']}.{stream}", "wb") as file:
             os.dup2(file.fileno(), fd)
     for fault in case.get("faults", []):
         FAULTS[fault["kind"]](**{key: value for key, value in fault.items() if key != "kind"})
     sys.argv = [importlib.util.find_spec("repae.train").origin, *case["argv"]]
-    runpy.run_module("repae.train", run_name="__main__", alter_sys=True)
-    sys.exit(0)
+    try:
+        runpy.run_module("repae.train", run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+        if exit.code is not None and not isinstance(exit.code, int):
+            print(exit.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def outcome(status: int, case: dict, out_dir: Path) -> dict:
@@ -242,7 +259,7 @@ def outcome(status: int, case: dict, out_dir: Path) -> dict:
     }
 
 
-def main(plan_path: str, results_path: str) -> None:
+def run_plan(plan_path: str, results_path: str) -> None:
     cases = json.loads(Path(plan_path).read_text())["cases"]
     out_dir = Path(results_path).parent
     results, background = {}, {}
@@ -263,5 +280,19 @@ def main(plan_path: str, results_path: str) -> None:
     Path(results_path).write_text(json.dumps(results, indent=1))
 
 
+def serve() -> None:
+    """For each stdin line ``PLAN RESULTS``: run the plan with its folder as the working directory and
+    that folder's ``tmp/`` as the temporary directory (where a test can look for files a run left),
+    then answer one line once the results are written. One start-up for every plan of a test session."""
+    for line in sys.stdin:
+        plan_path, results_path = line.split()
+        work = Path(plan_path).parent
+        os.chdir(work)
+        os.environ["TMPDIR"] = str(work / "tmp")
+        tempfile.tempdir = None  # tempfile caches the folder it found first
+        run_plan(plan_path, results_path)
+        print("done", flush=True)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    serve()

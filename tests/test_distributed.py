@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import select
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,27 +35,55 @@ COMMON = [
     "model.loss.discriminator_start=1000",
     "callbacks.image_grid=null",
     "callbacks.loss_curve=null",
-    "callbacks.checkpoint=null",
+    "callbacks.checkpoint.every_n_steps=1",
+    "data.batch_size=4",  # the global batch
 ]
 
 
-def run(run_dir: Path, *overrides: str, common: list[str] = COMMON) -> None:
-    root = Path(__file__).resolve().parents[1]
-    paths = [str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
-    result = subprocess.run(
-        [sys.executable, str(HELPER), str(run_dir), *common, *overrides],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+class DeterministicRuns:
+    """Runs ``helpers/deterministic_run.py RUN_DIR *COMMON *overrides`` through one ``--serve``
+    process, so that only the other ranks of a multi-process run pay for the imports."""
+
+    def __init__(self):
+        root = Path(__file__).resolve().parents[1]
+        paths = [str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")]
+        # One thread per process, as Lightning sets for each rank of a multi-process run: on two
+        # busy cores a spinning second OpenMP thread can make a 1-second step take 20.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths)), "OMP_NUM_THREADS": "1"}
+        self.server = subprocess.Popen(
+            [sys.executable, str(HELPER), "--serve"],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its runs and their ranks share its process group
+        )
+
+    def __call__(self, run_dir: Path, *overrides: str) -> None:
+        self.server.stdin.write(json.dumps([str(run_dir), *COMMON, *overrides]) + "\n")
+        self.server.stdin.flush()
+        if not select.select([self.server.stdout], [], [], 600)[0]:
+            os.killpg(self.server.pid, signal.SIGKILL)
+            pytest.fail(f"{run_dir} took over 10 minutes")
+        exit_code = self.server.stdout.readline().strip()
+        assert exit_code == "0", Path(f"{run_dir}.log").read_text()[-4000:]
+
+    def close(self) -> None:
+        self.server.stdin.close()
+        self.server.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def run():
+    runs = DeterministicRuns()
+    yield runs
+    runs.close()
 
 
 # The last case also samples image grids from the sharded EMA between steps, which must leave it
 # sharded like the SiT even when the SiT keeps its gathered blocks until the backward.
 GLOO_CASES = {
+    "single": [],
     "ddp": ["trainer=ddp_cpu"],
     "fsdp": ["trainer=fsdp_cpu"],
     "fsdp-no-reshard-with-grids": [
@@ -63,23 +95,34 @@ GLOO_CASES = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("overrides", GLOO_CASES.values(), ids=GLOO_CASES.keys())
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, overrides):
-    run(tmp_path / "single", "data.batch_size=4")
-    run(tmp_path / "ddp", "data.batch_size=4", *overrides)
-    assert_same_training(tmp_path)
+@pytest.fixture(scope="module")
+def gloo_runs(tmp_path_factory, run):
+    """The 2-step run of a ``GLOO_CASES`` name, made on first use and shared by the tests that read
+    it: the one-process run is the reference of every two-process run, and the sharded run is also
+    the start of the resume test (which continues copies, never the shared runs)."""
+    root = tmp_path_factory.mktemp("gloo")
+
+    def made(name: str) -> Path:
+        if not (root / name).is_dir():
+            run(root / name, *GLOO_CASES[name])
+        return root / name
+
+    return made
 
 
 @pytest.mark.slow
-def test_a_sharded_run_saves_full_checkpoints_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("case", [name for name in GLOO_CASES if name != "single"])
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(gloo_runs, case):
+    assert_same_training(gloo_runs("single"), gloo_runs(case))
+
+
+@pytest.mark.slow
+def test_a_sharded_run_saves_full_checkpoints_and_resumes_exactly(tmp_path, gloo_runs, run):
     """trainer=fsdp writes the same single-file checkpoint as one process (full tensors, optimizer
     states indexed per optimizer), a run resumed from it continues as if never stopped, and a
     single-process run continues under sharding."""
-    with_checkpoints = [o for o in COMMON if o != "callbacks.checkpoint=null"]
-    with_checkpoints += ["callbacks.checkpoint.every_n_steps=1", "data.batch_size=4"]
-    run(tmp_path / "single", common=with_checkpoints)
-    run(tmp_path / "resumed", "trainer=fsdp_cpu", common=with_checkpoints)
+    shutil.copytree(gloo_runs("single"), tmp_path / "single")
+    shutil.copytree(gloo_runs("fsdp"), tmp_path / "resumed")
     single = torch.load(tmp_path / "single" / "checkpoints" / "last.ckpt", weights_only=True)
     sharded = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert sharded["state_dict"].keys() == single["state_dict"].keys()
@@ -94,8 +137,8 @@ def test_a_sharded_run_saves_full_checkpoints_and_resumes_exactly(tmp_path):
             assert state["exp_avg"].shape == sharded_optimizer["state"][index]["exp_avg"].shape
 
     longer = ["model.max_train_steps=3"]
-    run(tmp_path / "resumed", "trainer=fsdp_cpu", *longer, common=with_checkpoints)
-    run(tmp_path / "uninterrupted", "trainer=fsdp_cpu", *longer, common=with_checkpoints)
+    run(tmp_path / "resumed", "trainer=fsdp_cpu", *longer)
+    run(tmp_path / "uninterrupted", "trainer=fsdp_cpu", *longer)
     resumed = torch.load(tmp_path / "resumed" / "weights_rank0.pt")
     uninterrupted = torch.load(tmp_path / "uninterrupted" / "weights_rank0.pt")
     assert (tmp_path / "resumed" / "steps_rank0.txt").read_text() == "3", "the run did not resume at step 3"
@@ -104,8 +147,8 @@ def test_a_sharded_run_saves_full_checkpoints_and_resumes_exactly(tmp_path):
 
     # The single-process run continues under sharding: its third step equals a single process's
     # third step up to one step's float rounding of the gradient reductions.
-    run(tmp_path / "single", "trainer=fsdp_cpu", *longer, common=with_checkpoints)
-    run(tmp_path / "single_uninterrupted", *longer, common=with_checkpoints)
+    run(tmp_path / "single", "trainer=fsdp_cpu", *longer)
+    run(tmp_path / "single_uninterrupted", *longer)
     assert (tmp_path / "single" / "steps_rank0.txt").read_text() == "3", "the run did not resume at step 3"
     final = torch.load(tmp_path / "single" / "checkpoints" / "last.ckpt", weights_only=True)
     for optimizer in final["optimizer_states"]:  # the Adam moments and step counts carried over
@@ -119,27 +162,15 @@ def test_a_sharded_run_saves_full_checkpoints_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_sharded_module_name_the_model_lacks_stops_with_one_clear_error(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "repae.train",
-            *TINY_OVERRIDES,
-            f"paths.root_dir={tmp_path}",
-            "trainer=fsdp_cpu",
-            "trainer.strategy.sharded_modules=[sit,transformer]",
-        ],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+def test_a_sharded_module_name_the_model_lacks_stops_with_one_clear_error(tmp_path, entry_points):
+    argv = [*TINY_OVERRIDES, f"paths.root_dir={tmp_path}", "trainer=fsdp_cpu",
+            "trainer.strategy.sharded_modules=[sit,transformer]"]  # fmt: skip
+    result = entry_points(tmp_path / "runner", [{"name": "unknown", "argv": argv}])["unknown"]
+    assert result["exitcode"] == 1, result["stderr"][-3000:]
+    assert "Traceback" not in result["stderr"], result["stderr"][-3000:]
     assert (
         "error: trainer.strategy.sharded_modules names no submodule of the model: ['transformer']"
-        in result.stderr
+        in result["stderr"]
     )
 
 
@@ -148,18 +179,18 @@ GPU = ["trainer.accelerator=gpu", "trainer.precision=32-true", "trainer.benchmar
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("trainer", ["ddp", "fsdp"])
-def test_two_nccl_gpus_match_one_gpu_with_the_same_global_batch(tmp_path, trainer):
-    run(tmp_path / "single", "data.batch_size=4", *GPU, "trainer.devices=1")
-    run(tmp_path / "ddp", "data.batch_size=4", f"trainer={trainer}", *GPU, "trainer.devices=2")
-    assert_same_training(tmp_path)
+def test_two_nccl_gpus_match_one_gpu_with_the_same_global_batch(tmp_path, run, trainer):
+    run(tmp_path / "single", *GPU, "trainer.devices=1")
+    run(tmp_path / "ddp", f"trainer={trainer}", *GPU, "trainer.devices=2")
+    assert_same_training(tmp_path / "single", tmp_path / "ddp")
 
 
-def assert_same_training(tmp_path: Path) -> None:
+def assert_same_training(single_run: Path, two_process_run: Path) -> None:
     """Every parameter, EMA tensor and BN buffer is identical on both ranks and equal to the
     single-process run's."""
-    single = torch.load(tmp_path / "single" / "weights_rank0.pt")
-    rank0 = torch.load(tmp_path / "ddp" / "weights_rank0.pt")
-    rank1 = torch.load(tmp_path / "ddp" / "weights_rank1.pt")
+    single = torch.load(single_run / "weights_rank0.pt")
+    rank0 = torch.load(two_process_run / "weights_rank0.pt")
+    rank1 = torch.load(two_process_run / "weights_rank1.pt")
     assert rank0["train_step"] == rank1["train_step"] == single["train_step"] == 2
     for key, value in rank0.items():
         if (

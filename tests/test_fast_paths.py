@@ -12,6 +12,7 @@ import torch._inductor.config as inductor_config
 from repae.kernels.vae import FAST_MODULES
 from repae.train import train
 
+from conftest import compose_config
 from test_training import build, fit, loss_trace
 
 # Step 1's losses come from the initial weights, so only rounding separates the paths (measured
@@ -22,6 +23,14 @@ from test_training import build, fit, loss_trace
 # 3e-2 (VAE), so step 2 barely separates a SiT-side change from rounding; step 1 catches any
 # change to the forward passes and losses.
 RELATIVE_TOLERANCE = {1: 1e-5, 2: 5e-4}
+
+
+@pytest.fixture(scope="module")
+def eager_run(tmp_path_factory) -> Path:
+    """The default path's two steps, which every fast path is compared with."""
+    run_dir = tmp_path_factory.mktemp("eager") / "run"
+    train(compose_config(run_dir, "model.max_train_steps=2"))
+    return run_dir
 
 
 @pytest.mark.slow
@@ -42,20 +51,14 @@ RELATIVE_TOLERANCE = {1: 1e-5, 2: 5e-4}
         "perf=fast",
     ],
 )
-def test_fast_paths_train_like_the_default_path(tiny_config, tmp_path, levers):
-    eager = tiny_config("model.max_train_steps=2")
-    train(eager)
+def test_fast_paths_train_like_the_default_path(tiny_config, eager_run, levers):
     fast = tiny_config("model.max_train_steps=2", *levers)
-    fast.paths.output_dir = str(tmp_path / "fast")
     # Compiled code draws its own random numbers unless told to use torch's; with torch's, the
     # same seeds give the same t, noise and label dropout, so the losses must agree.
     with inductor_config.patch(fallback_random=True):
         train(fast)
     for key in ("sit_loss", "vae_loss", "d_loss"):
-        expected, found = (
-            loss_trace(Path(eager.paths.output_dir), key),
-            loss_trace(Path(fast.paths.output_dir), key),
-        )
+        expected, found = loss_trace(eager_run, key), loss_trace(Path(fast.paths.output_dir), key)
         assert sorted(found) == [1, 2]
         for step, value in expected.items():
             assert found[step] == pytest.approx(value, rel=RELATIVE_TOLERANCE[step], abs=1e-6), (key, step)

