@@ -1,4 +1,4 @@
-"""Run the training entry point as separate processes with injected faults (for test_reliability.py).
+"""Run the training entry point as separate processes with injected faults (``entry_points`` fixture).
 
 Usage: ``python tests/fault_runner.py``, then one line ``plan.json results.json`` on stdin per plan
 (``serve``; the tests' ``entry_points`` fixture keeps one running). The plan is ``{"cases": [case, ...]}``
