@@ -34,6 +34,7 @@ from repae.cli import exit_on_bad_input
 from repae.datamodules.datasets import FashionMNIST
 from repae.metrics import EfficientNetFeatures, FeatureStatistics, frechet_distance, save_reference_statistics
 from repae.modules.vae import build_vae, images_to_vae_input, load_vae_weights
+from repae.protocol import reference_record_arrays
 from repae.reconstruction import psnr
 
 ARMS = ("vanilla", "repa", "repae", "naive_e2e", "repa_e2e_vae")
@@ -53,7 +54,7 @@ SMOKE_OVERRIDES = [
     "trainer.log_every_n_steps=1",  # losses at both steps: the study's loss diagnostics have values
 ]
 SMOKE_SAMPLING_OVERRIDES = [
-    "callbacks.fid.steps=[1,2]",
+    "callbacks.fid.steps=[2]",
     "callbacks.fid.num_samples=10",
     "callbacks.fid.batch_size=10",
     "callbacks.image_grid.num_images=10",
@@ -391,7 +392,11 @@ def study(out: Path, parallel: int, smoke: bool) -> None:
     images = test_images(smoke)
     extractor = EfficientNetFeatures(EFFNET_RESOLUTION).to(device)
     reference = effnet_statistics(images, extractor, device)
-    save_reference_statistics(str(out / "reference_t10k_fd_effnet.npz"), *reference)
+    save_reference_statistics(
+        str(out / "reference_t10k_fd_effnet.npz"),
+        *reference,
+        **reference_record_arrays("effnet", EFFNET_RESOLUTION),
+    )
     now = stage("reference", now)
 
     log("stage 0: VAE pre-training", started)
