@@ -198,7 +198,7 @@ def load_vae(cfg: DictConfig) -> AutoencoderKL:
 
 def cache_latents(cfg: DictConfig) -> None:
     """Encode ``{cfg.data_dir}/images.h5`` into ``{cfg.output_dir}/{cfg.latents_name}.h5`` (resumable)."""
-    dataset = H5Images(cfg.data_dir)
+    dataset = H5Images(cfg.data_dir, config_key="data_dir")
     output_dir = Path(cfg.output_dir)
     work_dir = Path(cfg.work_dir)
     if (output_dir / f"{cfg.latents_name}_h5.json").is_file() and not work_dir.exists() and not cfg.overwrite:

@@ -158,6 +158,11 @@ def test_resuming_with_another_vae_is_refused(data):
         cache_latents(cache_config(data))
 
 
+def test_a_folder_without_images_h5_names_the_data_dir_setting_and_repae_preprocess(data, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"set data_dir .*python -m repae\.preprocess"):
+        cache_latents(cache_config(data, f"data_dir={tmp_path / 'empty'}"))
+
+
 def test_missing_vae_weights_name_the_setting(data):
     with pytest.raises(FileNotFoundError, match="vae_weights_path"):
         cache_latents(cache_config(data, f"vae_weights_path={data / 'absent.pt'}"))

@@ -226,9 +226,11 @@ def test_h5_images_corrupt_sample_names_file_and_key(tmp_path):
     assert ds[2]["image"].shape == (3, 16, 16)
 
 
-def test_h5_images_missing_file_names_the_config_key(tmp_path):
-    with pytest.raises(FileNotFoundError, match="data.dataset.data_dir"):
+def test_h5_images_missing_file_names_the_config_key_and_the_command_that_makes_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"set data\.dataset\.data_dir .*repae\.preprocess"):
         H5Images(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"set data_dir .*repae\.preprocess"):
+        H5Images(str(tmp_path), config_key="data_dir")  # as repae.cache_latents names its setting
 
 
 def test_cached_latents_pair_images_and_latents_by_position(tmp_path):

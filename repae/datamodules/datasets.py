@@ -231,11 +231,18 @@ class _LazyH5:
         return {"path": self.path, "handle": None, "_pid": None}
 
 
-def _require_file(path: Path) -> Path:
+def _require_file(path: Path, config_key: str) -> Path:
+    """``path``, or an error naming the setting that points at its folder and the command that makes it."""
     if not path.is_file():
+        made_by = (
+            "python -m repae.preprocess"
+            if path.name.startswith("images")
+            else "python -m repae.cache_latents"
+        )
         raise FileNotFoundError(
-            f"{path} not found: set data.dataset.data_dir to the folder written by the preprocessing "
-            "tool (images.h5, images_h5.json and, for cached latents, {name}.h5 and {name}_h5.json)"
+            f"{path} not found: set {config_key} to the folder that `{made_by}` wrote it into "
+            "(images.h5 and images_h5.json from repae.preprocess; {name}.h5 and {name}_h5.json from "
+            "repae.cache_latents)"
         )
     return path
 
@@ -268,12 +275,15 @@ class H5Images(Dataset):
 
     Args:
         data_dir: folder holding ``images.h5`` and ``images_h5.json``.
+        config_key: the setting that gives ``data_dir``, named by the error when a file is missing.
     """
 
-    def __init__(self, data_dir: str):
+    def __init__(self, data_dir: str, config_key: str = "data.dataset.data_dir"):
         self.data_dir = Path(data_dir)
-        images_path = _require_file(self.data_dir / "images.h5")
-        self.names = _sorted_names(_require_file(self.data_dir / "images_h5.json"), image_extensions())
+        images_path = _require_file(self.data_dir / "images.h5", config_key)
+        self.names = _sorted_names(
+            _require_file(self.data_dir / "images_h5.json", config_key), image_extensions()
+        )
         self.labels = _labels_for(self.names, _read_h5_labels(images_path), images_path)
         self.images = _LazyH5(images_path)
 
@@ -306,10 +316,15 @@ class CachedLatents(Dataset):
 
     def __init__(self, data_dir: str, latents_name: str):
         self.data_dir = Path(data_dir)
-        images_path = _require_file(self.data_dir / "images.h5")
-        latents_path = _require_file(self.data_dir / f"{latents_name}.h5")
-        self.image_names = _sorted_names(_require_file(self.data_dir / "images_h5.json"), image_extensions())
-        self.latent_names = _sorted_names(_require_file(self.data_dir / f"{latents_name}_h5.json"), {".npy"})
+        key = "data.dataset.data_dir"
+        images_path = _require_file(self.data_dir / "images.h5", key)
+        latents_path = _require_file(self.data_dir / f"{latents_name}.h5", key)
+        self.image_names = _sorted_names(
+            _require_file(self.data_dir / "images_h5.json", key), image_extensions()
+        )
+        self.latent_names = _sorted_names(
+            _require_file(self.data_dir / f"{latents_name}_h5.json", key), {".npy"}
+        )
         if len(self.image_names) != len(self.latent_names):
             raise ValueError(
                 f"{images_path} lists {len(self.image_names)} images but {latents_path} lists "
