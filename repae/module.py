@@ -432,8 +432,12 @@ class REPAE(pl.LightningModule):
         """This step's t [B,1,1,1], drawn on the CPU generator as the official code (seeds match) and
         copied to the latents' device without waiting: the SiT would draw the same, but inside its
         compiled graph the copy waits for all queued GPU work, and the GPU then idles while the host
-        catches up."""
-        return self.sit.sample_time(latents.shape[0]).to(latents.device, non_blocking=True)
+        catches up. The copy is from pinned memory because CUDA makes a copy from pageable memory
+        wait for the stream too (the H100 profile of the LDM-only step showed that wait)."""
+        times = self.sit.sample_time(latents.shape[0])
+        if latents.is_cuda:
+            times = times.pin_memory()
+        return times.to(latents.device, non_blocking=True)
 
     def _ldm_only_latents(self, batch, images) -> torch.Tensor:
         with torch.no_grad():
