@@ -42,7 +42,7 @@ COMMON = [
 
 class DeterministicRuns:
     """Runs ``helpers/deterministic_run.py RUN_DIR *COMMON *overrides`` through one ``--serve``
-    process, so that only the other ranks of a multi-process run pay for the imports."""
+    process, which forks every rank of every run after its imports."""
 
     def __init__(self):
         root = Path(__file__).resolve().parents[1]
