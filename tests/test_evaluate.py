@@ -96,6 +96,21 @@ def test_the_frechet_distance_of_few_samples_in_their_common_subspace_equals_the
         assert abs(itself) < 1e-5 * np.trace(stats_a[1])
 
 
+def test_the_subspace_frechet_distance_is_real_where_feature_scales_differ_by_orders_of_magnitude(
+    monkeypatch,
+):
+    """``sqrtm`` of the singular product of the reduced covariances turned rounding into an imaginary
+    diagonal of 0.25 here (and refused it); the full 256-d product's passes."""
+    rng = np.random.default_rng(5)
+    a, b = (rng.normal(size=(20, 256)) * np.exp(2 * rng.normal(size=256)) + 3 + shift for shift in (0, 0.3))
+    stats_a = a.mean(0), np.cov(a, rowvar=False)
+    stats_b = b.mean(0), np.cov(b, rowvar=False)
+    assert metrics_module.common_subspace(stats_a[1], stats_b[1]) is not None
+    found = frechet_distance(*stats_a, *stats_b)
+    monkeypatch.setattr(metrics_module, "common_subspace", lambda *sigmas: None)
+    assert found == pytest.approx(frechet_distance(*stats_a, *stats_b), rel=1e-6)
+
+
 def test_fid_of_a_set_with_itself_is_zero_and_statistics_files_round_trip(inception_weights, tmp_path):
     images = smooth_images(6, seed=0)
     # Samples as a folder of PNGs, reference as an ADM npz of the same images: both readers, one answer.
