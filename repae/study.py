@@ -30,7 +30,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
-from repae.cli import exit_on_bad_input
+from repae.cli import BAD_INPUT, exit_on_bad_input
+from repae.convert.checkpoints import extract_vae
 from repae.datamodules.datasets import FashionMNIST
 from repae.metrics import EfficientNetFeatures, FeatureStatistics, frechet_distance, save_reference_statistics
 from repae.modules.vae import build_vae, images_to_vae_input, load_vae_weights
@@ -43,7 +44,8 @@ SEEDS = (0, 1)
 TUNED_VAES = ("repae", "naive_e2e")  # arms whose VAE is extracted and measured
 VAE_NAME = "f4d4-tiny"  # conf/model/vae/tiny.yaml
 EFFNET_RESOLUTION = 64  # callbacks.fid.effnet_resolution of conf/experiment/study/base.yaml
-# --smoke: the same stages on the CPU, a couple of steps each, tiny sample counts.
+# --smoke: the same stages on the CPU, a couple of steps each, tiny sample counts, and nothing the
+# study does not read (the loss-curve plot).
 SMOKE_OVERRIDES = [
     "trainer=cpu",
     "model.max_train_steps=2",
@@ -51,9 +53,11 @@ SMOKE_OVERRIDES = [
     "data.num_workers=0",
     "data.dataset.max_images=64",
     "callbacks.checkpoint.every_n_steps=2",
+    "callbacks.loss_curve=null",
     "trainer.log_every_n_steps=1",  # losses at both steps: the study's loss diagnostics have values
 ]
 SMOKE_SAMPLING_OVERRIDES = [
+    "model.sampling.num_steps=2",  # Euler steps of the FD samples and the grids
     "callbacks.fid.steps=[2]",
     "callbacks.fid.num_samples=10",
     "callbacks.fid.batch_size=10",
@@ -137,13 +141,12 @@ def run_all(jobs: list[tuple[str, int, Path]], out: Path, parallel: int, smoke: 
 
 
 def extract(out: Path, run: Path, name: str) -> Path:
-    """``python -m repae.convert extract-vae`` of ``run``'s last checkpoint into ``out/vae/name/``."""
+    """``python -m repae.convert extract-vae`` of ``run``'s last checkpoint into ``out/vae/name/``
+    (its function, in this process: a new interpreter would spend seconds on its imports)."""
     vae_file = out / "vae" / name / f"{name}.pt"
     if not vae_file.is_file():
-        checkpoint = run / "checkpoints" / "last.ckpt"
-        command = [sys.executable, "-m", "repae.convert", "extract-vae", str(checkpoint), "--name", name,
-                   "--save-dir", str(out / "vae")]  # fmt: skip
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        for kind, path in extract_vae(run / "checkpoints" / "last.ckpt", name, out / "vae").items():
+            print(f"wrote {kind}: {path}", flush=True)
     return vae_file
 
 
@@ -482,7 +485,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.parallel < 1:
         raise SystemExit("error: --parallel must be at least 1")
-    with exit_on_bad_input((RuntimeError, FileNotFoundError, subprocess.CalledProcessError)):
+    with exit_on_bad_input((RuntimeError, *BAD_INPUT)):  # BAD_INPUT: also a checkpoint extract_vae refuses
         if args.report_only:
             report(args.out)
         else:

@@ -40,6 +40,7 @@ from repae.run_directory import (
     write_text_atomically,
 )
 from repae.safe_load import load_weights_only, refusal
+from repae.strategies import ShardedSiTStrategy
 from repae.sweep import FINAL_METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             prepare_run_directory(cfg)
         datamodule = instantiate(cfg.data)
         model = instantiate(to_plain(cfg.model), _recursive_=False)
+        if isinstance(trainer.strategy, ShardedSiTStrategy):
+            trainer.strategy.check_model(model)
         check_latent_cache(datamodule.dataset, model, cfg)
         ckpt_path = resume_checkpoint(cfg)
         if ckpt_path is None:

@@ -6,12 +6,14 @@ and each case one run of ``python -m repae.train *argv`` in its own process: a c
 this one after the heavy imports (torch, Lightning: most of a tiny run's start-up time), which
 then runs the ``repae.train`` module as ``__main__`` the way ``python -m`` does. The child's stdout
 and stderr go to files and its end is observed with ``waitpid``, so a SIGKILL is seen as exactly
-that. Cases run one after the other in plan order; a ``background`` case is started without
-waiting (and awaited at the end), to run next to the others on a second core.
+that. Cases start in plan order, each (foreground) case once the one before has ended; a
+``background`` case runs next to the cases after it, on the second core: it starts once the previous
+background case has ended (so two runs at most go at once), without waiting for its own end.
 
 A case: ``{"name", "argv", "faults": [...], "background": bool, "keep": [file, ...],
-"watch": [file or folder, ...]}``. Right after a (foreground) case ends, the files in ``keep`` are
-copied to ``<results folder>/<name>/`` and the sha256 of every file under ``watch`` is recorded.
+"watch": [file or folder, ...]}``. Right after a case ends (a background case: once it is awaited),
+the files in ``keep`` are copied to ``<results folder>/<name>/`` and the sha256 of every file under
+``watch`` is recorded.
 
 Faults are patched into the child only (production code has no test hooks):
 
@@ -262,21 +264,27 @@ def outcome(status: int, case: dict, out_dir: Path) -> dict:
 def run_plan(plan_path: str, results_path: str) -> None:
     cases = json.loads(Path(plan_path).read_text())["cases"]
     out_dir = Path(results_path).parent
-    results, background = {}, {}
+    results, background = {}, None
+
+    def await_case(pid: int, case: dict) -> None:
+        _, status = os.waitpid(pid, 0)
+        results[case["name"]] = outcome(status, case, out_dir)
+
     for case in cases:
+        if case.get("background") and background is not None:
+            await_case(*background)
+            background = None
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
             run_child(case, out_dir)
         if case.get("background"):
-            background[pid] = case
-            continue
-        _, status = os.waitpid(pid, 0)
-        results[case["name"]] = outcome(status, case, out_dir)
-    for pid, case in background.items():
-        _, status = os.waitpid(pid, 0)
-        results[case["name"]] = outcome(status, case, out_dir)
+            background = pid, case
+        else:
+            await_case(pid, case)
+    if background is not None:
+        await_case(*background)
     Path(results_path).write_text(json.dumps(results, indent=1))
 
 

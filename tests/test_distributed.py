@@ -42,7 +42,7 @@ COMMON = [
 
 class DeterministicRuns:
     """Runs ``helpers/deterministic_run.py RUN_DIR *COMMON *overrides`` through one ``--serve``
-    process, so that only the other ranks of a multi-process run pay for the imports."""
+    process, which forks every rank of every run after its imports."""
 
     def __init__(self):
         root = Path(__file__).resolve().parents[1]
@@ -162,7 +162,9 @@ def test_a_sharded_run_saves_full_checkpoints_and_resumes_exactly(tmp_path, gloo
 
 
 @pytest.mark.slow
-def test_a_sharded_module_name_the_model_lacks_stops_with_one_clear_error(tmp_path, entry_points):
+def test_a_sharded_module_name_the_model_lacks_stops_with_one_clear_error_before_other_ranks_start(
+    tmp_path, entry_points
+):
     argv = [*TINY_OVERRIDES, f"paths.root_dir={tmp_path}", "trainer=fsdp_cpu",
             "trainer.strategy.sharded_modules=[sit,transformer]"]  # fmt: skip
     result = entry_points(tmp_path / "runner", [{"name": "unknown", "argv": argv}])["unknown"]
@@ -172,6 +174,7 @@ def test_a_sharded_module_name_the_model_lacks_stops_with_one_clear_error(tmp_pa
         "error: trainer.strategy.sharded_modules names no submodule of the model: ['transformer']"
         in result["stderr"]
     )
+    assert "Initializing distributed" not in result["stdout"] + result["stderr"], "a rank was started"
 
 
 GPU = ["trainer.accelerator=gpu", "trainer.precision=32-true", "trainer.benchmark=false", "allow_tf32=false"]

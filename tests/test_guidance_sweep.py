@@ -10,10 +10,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
-from test_evaluate import inception_weights, low_rank_frechet_distance, smooth_images  # noqa: F401
+from test_evaluate import inception_weights, smooth_images  # noqa: F401
 from test_generate import tiny_checkpoint  # noqa: F401
 
-import repae.evaluate as evaluate_module
 import repae.guidance_sweep as sweep_module
 from repae.guidance_sweep import guidance_sweep
 
@@ -53,7 +52,6 @@ def test_a_2x2_sweep_writes_table_and_heat_map_and_resumes_only_unfinished_point
     tmp_path,
     monkeypatch,
 ):
-    monkeypatch.setattr(evaluate_module, "frechet_distance", low_rank_frechet_distance)
     np.savez(tmp_path / "reference.npz", arr_0=smooth_images(8, seed=0))
     generated = []
     original_generate = sweep_module.generate

@@ -81,6 +81,8 @@ def runs(tmp_path_factory, entry_points):
     def zero_work(name: str, *overrides: str, drop: tuple[str, ...] = ()) -> dict:
         return {"name": name, "argv": entry_argv(root, name, *overrides, drop=drop)}
 
+    # A background case runs next to the foreground cases after it (on the second core); no case
+    # touches the directory of another that runs at the same time.
     cases = [
         {"name": "seed", "argv": entry_argv(root, "seed", "model.max_train_steps=2")},
         {"name": "straight", "argv": entry_argv(root, "straight", *CHAIN, from_seed), "background": True},
@@ -99,10 +101,32 @@ def runs(tmp_path_factory, entry_points):
             ],
         },
         {
+            "name": "read_only",
+            "background": True,
+            "argv": entry_argv(root, "read_only"),
+            "faults": [{"kind": "read_only", "path": str(read_only)}] if os.geteuid() == 0 else [],
+        },
+        {
             "name": "rerun",
             "argv": chain_argv,
             "watch": [str(chain_ckpts)],
             "faults": [{"kind": "kill_after_optimizer_step", "step": 5}],
+        },
+        {
+            "name": "disk_full_at_first_save",
+            "background": True,
+            "argv": entry_argv(
+                root, "full", "model.max_train_steps=1", "callbacks.checkpoint.every_n_steps=1"
+            ),
+            "faults": [
+                {
+                    "kind": "fail_checkpoint_write",
+                    "step": 1,
+                    "file": "last.ckpt",
+                    "action": "enospc",
+                    "probe": str(root / "disk_full.json"),
+                }
+            ],
         },
         {
             "name": "moved",
@@ -131,32 +155,6 @@ def runs(tmp_path_factory, entry_points):
             ],
         },
         {
-            "name": "read_only",
-            "argv": entry_argv(root, "read_only"),
-            "faults": [{"kind": "read_only", "path": str(read_only)}] if os.geteuid() == 0 else [],
-        },
-        {
-            "name": "disk_full_at_first_save",
-            "argv": entry_argv(
-                root, "full", "model.max_train_steps=1", "callbacks.checkpoint.every_n_steps=1"
-            ),
-            "faults": [
-                {
-                    "kind": "fail_checkpoint_write",
-                    "step": 1,
-                    "file": "last.ckpt",
-                    "action": "enospc",
-                    "probe": str(root / "disk_full.json"),
-                }
-            ],
-        },
-        zero_work("empty_dataset", "data.dataset.max_images=0", drop=no_max_images),
-        zero_work("fewer_images_than_a_batch", "data.dataset.max_images=3", drop=no_max_images),
-        zero_work("negative_steps", "model.max_train_steps=-5", drop=("model.max_train_steps",)),
-        zero_work("fractional_steps", "model.max_train_steps=2.5", drop=("model.max_train_steps",)),
-        zero_work("ema_decay_above_one", "model.ema_decay=2"),
-        zero_work("proj_coeff_not_a_number", "model.proj_coeff=abc"),
-        {
             "name": "skip_straight",
             "argv": entry_argv(root, "skip_straight", *skip_argv, drop=no_max_images),
             "background": True,
@@ -167,6 +165,15 @@ def runs(tmp_path_factory, entry_points):
             "faults": [{"kind": "kill_after_optimizer_step", "step": 3}],
         },
         {"name": "skip_resumed", "argv": entry_argv(root, "skip_chain", *skip_argv, drop=no_max_images)},
+        {**zero_work("empty_dataset", "data.dataset.max_images=0", drop=no_max_images), "background": True},
+        zero_work("fewer_images_than_a_batch", "data.dataset.max_images=3", drop=no_max_images),
+        {
+            **zero_work("negative_steps", "model.max_train_steps=-5", drop=("model.max_train_steps",)),
+            "background": True,
+        },
+        zero_work("fractional_steps", "model.max_train_steps=2.5", drop=("model.max_train_steps",)),
+        {**zero_work("ema_decay_above_one", "model.ema_decay=2"), "background": True},
+        zero_work("proj_coeff_not_a_number", "model.proj_coeff=abc"),
     ]
     results = entry_points(root / "runner", cases)
     return SimpleNamespace(root=root, results=results, images=images, read_only=read_only)

@@ -359,7 +359,21 @@ def bad_inputs(tmp_path_factory, entry_points):
         }
 
     image_folder = ("data=image_folder", f"data.dataset.root={corrupt.parent}", "data.dataset.image_size=32")
+    # The background cases (each in a run directory of its own) run next to the victim's cases after
+    # them, on the second core.
     cases = [
+        {
+            "name": "nonfinite_in_a_row",
+            "background": True,
+            "argv": entry_argv(
+                root,
+                "nonfinite",
+                "model.max_consecutive_nonfinite=2",
+                "model.max_train_steps=6",
+                "callbacks.checkpoint.every_n_steps=1",
+            ),
+            "faults": [{"kind": "nan_vae_loss", "from_step": 3}],
+        },
         victim_case("unknown_experiment", "experiment=no_such_experiment", drop=("experiment",)),
         victim_case("unknown_key", "model.sit.deptth=3"),
         victim_case(
@@ -379,21 +393,16 @@ def bad_inputs(tmp_path_factory, entry_points):
             f"+callbacks.fid.inception_weights_path={root}/missing_inception.pth",
             drop=("callbacks.fid",),
         ),
-        victim_case("missing_checkpoint", f"ckpt_path={root}/missing.ckpt"),
-        victim_case("truncated_checkpoint", f"ckpt_path={truncated}"),
-        victim_case(
-            "wrong_architecture_checkpoint",
-            f"ckpt_path={victim}/checkpoints/last.ckpt",
-            "model.sit.depth=3",
-            "model.sit.hidden_size=64",
-        ),
-        victim_case("image_size_not_divisible", "data.dataset.image_size=30"),
         {
             "name": "corrupt_image",
+            "background": True,
             "argv": entry_argv(root, "corrupt", *image_folder, drop=("data.dataset.max_images",)),
         },
+        victim_case("missing_checkpoint", f"ckpt_path={root}/missing.ckpt"),
+        victim_case("truncated_checkpoint", f"ckpt_path={truncated}"),
         {
             "name": "corrupt_image_in_worker",
+            "background": True,
             "argv": entry_argv(
                 root,
                 "corrupt_in_worker",
@@ -402,8 +411,15 @@ def bad_inputs(tmp_path_factory, entry_points):
                 drop=("data.dataset.max_images",),
             ),
         },
+        victim_case(
+            "wrong_architecture_checkpoint",
+            f"ckpt_path={victim}/checkpoints/last.ckpt",
+            "model.sit.depth=3",
+            "model.sit.hidden_size=64",
+        ),
         {
             "name": "cache_of_another_vae",
+            "background": True,
             "argv": entry_argv(
                 root,
                 "cache",
@@ -416,17 +432,7 @@ def bad_inputs(tmp_path_factory, entry_points):
                 drop=("data.dataset.max_images",),
             ),
         },
-        {
-            "name": "nonfinite_in_a_row",
-            "argv": entry_argv(
-                root,
-                "nonfinite",
-                "model.max_consecutive_nonfinite=2",
-                "model.max_train_steps=6",
-                "callbacks.checkpoint.every_n_steps=1",
-            ),
-            "faults": [{"kind": "nan_vae_loss", "from_step": 3}],
-        },
+        victim_case("image_size_not_divisible", "data.dataset.image_size=30"),
     ]
     watched_before = {
         str(path): sha256(path)

@@ -110,8 +110,8 @@ class FashionMNIST(Dataset):
                     "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or set data.dataset.root "
                     "to a folder holding the four original *-ubyte.gz IDX files."
                 )
-        self.images = _read_idx(images_file, magic=2051)[:max_images]  # [N, 28, 28] uint8
-        self.labels = _read_idx(labels_file, magic=2049)[:max_images]  # [N] uint8
+        self.images = _read_idx(images_file, magic=2051, keep=max_images)  # [N, 28, 28] uint8
+        self.labels = _read_idx(labels_file, magic=2049, keep=max_images)  # [N] uint8
         if len(self.images) != len(self.labels):
             raise ValueError(f"{images_file} and {labels_file} hold different numbers of samples")
         self.image_size = image_size
@@ -131,16 +131,21 @@ class FashionMNIST(Dataset):
         return _sample(image, int(self.labels[index]))
 
 
-def _read_idx(path: Path, magic: int) -> np.ndarray:
-    """Read a gzip IDX file (big-endian header: magic, then one uint32 per dimension)."""
+def _read_idx(path: Path, magic: int, keep: int | None = None) -> np.ndarray:
+    """Read a gzip IDX file (big-endian header: magic, then one uint32 per dimension), or of its
+    items only ``[:keep]``, decompressing no further than those (the 60,000 training images take a
+    quarter of a second, a tiny run's 64 of them nothing)."""
     with gzip.open(path, "rb") as f:
-        data = f.read()
-    header = np.frombuffer(data, dtype=">u4", count=1)[0]
-    if header != magic:
-        raise ValueError(f"{path} is not an IDX file with magic number {magic} (found {header})")
-    ndim = magic & 0xFF
-    shape = tuple(int(s) for s in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+        header = f.read(4)
+        found = int.from_bytes(header, "big") if len(header) == 4 else None
+        if found != magic:
+            raise ValueError(f"{path} is not an IDX file with magic number {magic} (found {found})")
+        ndim = magic & 0xFF
+        shape = tuple(int(s) for s in np.frombuffer(f.read(4 * ndim), dtype=">u4", count=ndim))
+        items = len(range(shape[0])[:keep])
+        item_size = int(np.prod(shape[1:]))
+        data = f.read(items * item_size)
+    return np.frombuffer(data, dtype=np.uint8).reshape(items, *shape[1:])
 
 
 class ImageFolder(Dataset):

@@ -1,22 +1,26 @@
 """Train the tiny demo config with all randomness made a function of the sample, then save every
 rank's final weights: `PYTHONPATH=tests python tests/helpers/deterministic_run.py RUN_DIR [overrides...]`
 (tests/ on the path for its ``conftest``). With ``--serve`` it runs one such command per line of
-stdin, each in a child forked after the imports (see ``serve``).
+stdin, each rank in a child forked after the imports (see ``serve``).
 
 With t, noise and the VAE's posterior sample derived from each sample's own latents, a run's
 result depends only on its global batches, not on how they are split over processes, so a DDP
-run can be compared with a single-process run. Lightning's DDP launcher re-runs this script in
-every rank.
+run can be compared with a single-process run. Run as a command, Lightning's DDP launcher re-runs
+this script in every rank.
 """
 
+import atexit
 import json
 import os
+import signal
+import socket
 import sys
+import traceback
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from omegaconf import open_dict
+from omegaconf import DictConfig, open_dict
 from torch.distributed.tensor import DTensor
 
 from repae.module import REPAE
@@ -64,44 +68,84 @@ class SaveWeightsPerRank(pl.Callback):
         trainer.strategy.barrier()  # every rank's files exist once rank 0's process ends
 
 
-def deterministic_run(run_dir: Path, *overrides: str) -> None:
-    REPAE._training_times = per_sample_times  # the step draws t and hands it to the SiT
-    SiT.forward = per_sample_forward
-    DiagonalGaussianDistribution.sample = lambda self, generator=None: self.mean
+def deterministic_config(run_dir: Path, *overrides: str) -> DictConfig:
+    """The tiny run's config with ``overrides``, saving every rank's weights into ``run_dir``."""
     cfg = compose_config(run_dir, *overrides)
     with open_dict(cfg):
         cfg.callbacks.save_weights = {
             "_target_": "helpers.deterministic_run.SaveWeightsPerRank",
             "directory": str(run_dir),
         }
+    return cfg
+
+
+def deterministic_run(cfg: DictConfig) -> None:
+    REPAE._training_times = per_sample_times  # the step draws t and hands it to the SiT
+    SiT.forward = per_sample_forward
+    DiagonalGaussianDistribution.sample = lambda self, generator=None: self.mean
     train(cfg)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_ranks(cfg: DictConfig, log: Path) -> int:
+    """Run ``cfg`` in one child forked from this process per rank (``trainer.devices`` of them), with
+    stdout and stderr of all going to ``log``; the first failing rank's exit code, else 0.
+
+    The ranks are created the way torchrun creates them (``LOCAL_RANK``, ``WORLD_SIZE`` and the
+    rendezvous address in the environment, which tells Lightning not to launch any), so none of them
+    pays for the imports. A rank that fails ends the others, as Lightning's launcher does: they
+    would wait for it in their next collective."""
+    devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
+    ranks = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(devices)}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    children = set()
+    with open(log, "wb") as output:
+        for rank in range(devices):
+            pid = os.fork()
+            if pid == 0:
+                os.dup2(output.fileno(), 1)
+                os.dup2(output.fileno(), 2)
+                if devices > 1:
+                    os.environ.update(ranks, LOCAL_RANK=str(rank), NODE_RANK="0")
+                try:
+                    deterministic_run(cfg)
+                    code = 0
+                except BaseException:
+                    traceback.print_exc()
+                    code = 1
+                atexit._run_exitfuncs()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)  # without the interpreter's teardown of torch and Lightning (a second)
+            children.add(pid)
+    code = 0
+    while children:
+        pid, status = os.wait()
+        children.discard(pid)
+        if os.waitstatus_to_exitcode(status) != 0 and code == 0:
+            code = os.waitstatus_to_exitcode(status)
+            for other in children:
+                os.kill(other, signal.SIGKILL)
+    return code
 
 
 def serve() -> None:
     """Run each line of stdin, a JSON list ``[RUN_DIR, override, ...]``, as the command
-    ``deterministic_run.py RUN_DIR override ...`` in a child forked from this process, with stdout and
-    stderr going to ``RUN_DIR.log``; answer each with the child's exit code, one line on stdout.
-
-    The children skip the imports (most of a tiny run's start-up). Lightning starts the other ranks
-    of a multi-process run from the child's ``sys.argv``: as the plain command, which imports anew.
-    """
+    ``deterministic_run.py RUN_DIR override ...`` (``run_ranks``, logging to ``RUN_DIR.log``);
+    answer each with its exit code, one line on stdout."""
     for line in sys.stdin:
         run_dir, *overrides = json.loads(line)
-        sys.stdout.flush()
-        pid = os.fork()
-        if pid == 0:
-            with open(f"{run_dir}.log", "wb") as log:
-                os.dup2(log.fileno(), 1)
-                os.dup2(log.fileno(), 2)
-            sys.argv = [os.path.abspath(__file__), run_dir, *overrides]
-            deterministic_run(Path(run_dir), *overrides)
-            sys.exit(0)  # an exception ends the child with its traceback in the log and exit code 1
-        _, status = os.waitpid(pid, 0)
-        print(os.waitstatus_to_exitcode(status), flush=True)
+        print(run_ranks(deterministic_config(Path(run_dir), *overrides), Path(f"{run_dir}.log")), flush=True)
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--serve"]:
         serve()
     else:
-        deterministic_run(Path(sys.argv[1]), *sys.argv[2:])
+        deterministic_run(deterministic_config(Path(sys.argv[1]), *sys.argv[2:]))
