@@ -29,7 +29,9 @@ def tiny_experiment(config_dir: Path, root_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_multirun_gives_one_directory_per_value_and_a_summary_table(tmp_path, entry_points):
+def test_multirun_gives_one_directory_per_value_and_a_summary_table_that_a_rerun_leaves_as_it_was(
+    tmp_path, entry_points
+):
     tiny_experiment(tmp_path / "conf", tmp_path)
     argv = [
         "-m",
@@ -52,6 +54,13 @@ def test_multirun_gives_one_directory_per_value_and_a_summary_table(tmp_path, en
     assert [row["run"] for row in rows] == ["model.proj_coeff=0.25", "model.proj_coeff=1.0"]
     assert all(float(row["sit_loss"]) > 0 for row in rows)
     assert "sweep summary" in result["stdout"]
+
+    # Re-running the finished sweep trains nothing and leaves the summary as it was.
+    summary = (sweep_dir / "summary.csv").read_bytes()
+    again = entry_points(tmp_path / "runner", [{"name": "sweep", "argv": argv}])["sweep"]
+    assert again["exitcode"] == 0, again["stderr"][-3000:]
+    assert again["stdout"].count("nothing to do") + again["stderr"].count("nothing to do") == 2
+    assert (sweep_dir / "summary.csv").read_bytes() == summary
 
 
 def test_the_summary_table_is_not_cut_when_printed_to_a_log_file(tmp_path, monkeypatch, capsys):
