@@ -177,6 +177,24 @@ def test_a_sharded_module_name_the_model_lacks_stops_with_one_clear_error_before
     assert "Initializing distributed" not in result["stdout"] + result["stderr"], "a rank was started"
 
 
+@pytest.mark.slow
+def test_lightnings_launcher_starts_the_second_rank_of_a_train_command_into_the_same_run(
+    tmp_path, entry_points
+):
+    # The equality tests fork their ranks; this is the path a user's `python -m repae.train
+    # trainer=ddp` takes: Lightning re-runs the command for rank 1, and Hydra must not give it a
+    # run directory of its own.
+    argv = [*TINY_OVERRIDES, f"paths.root_dir={tmp_path}", "trainer=ddp_cpu", "model.max_train_steps=2"]
+    result = entry_points(tmp_path / "runner", [{"name": "ddp", "argv": argv}])["ddp"]
+    output = result["stdout"] + result["stderr"]
+    assert result["exitcode"] == 0, output[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output, output[-3000:]
+    runs = [path.parent for path in (tmp_path / "logs").rglob(".hydra")]
+    assert len(runs) == 1, runs
+    assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
+    assert json.loads((runs[0] / "final_metrics.json").read_text())["step"] == 2
+
+
 GPU = ["trainer.accelerator=gpu", "trainer.precision=32-true", "trainer.benchmark=false", "allow_tf32=false"]
 
 
