@@ -53,7 +53,6 @@ import signal
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import hydra  # noqa: F401  (imported before forking, so that no run pays for it)
@@ -66,6 +65,8 @@ import repae.loggers  # noqa: F401
 import repae.module  # noqa: F401
 from repae.modules.losses import VAERegularizationLoss
 from repae.optim_step import JointStep
+
+from helpers.forked import run_and_exit
 
 
 def sha256(path: Path) -> str | None:
@@ -221,20 +222,7 @@ def run_child(case: dict, out_dir: Path) -> None:
     for fault in case.get("faults", []):
         FAULTS[fault["kind"]](**{key: value for key, value in fault.items() if key != "kind"})
     sys.argv = [importlib.util.find_spec("repae.train").origin, *case["argv"]]
-    try:
-        runpy.run_module("repae.train", run_name="__main__", alter_sys=True)
-        code = 0
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
-        if exit.code is not None and not isinstance(exit.code, int):
-            print(exit.code, file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    run_and_exit(lambda: runpy.run_module("repae.train", run_name="__main__", alter_sys=True))
 
 
 def outcome(status: int, case: dict, out_dir: Path) -> dict:

@@ -9,13 +9,11 @@ run can be compared with a single-process run. Run as a command, Lightning's DDP
 this script in every rank.
 """
 
-import atexit
 import json
 import os
 import signal
 import socket
 import sys
-import traceback
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -29,6 +27,7 @@ from repae.modules.vae import DiagonalGaussianDistribution
 from repae.train import train
 
 from conftest import compose_config
+from helpers.forked import run_and_exit
 
 original_forward = SiT.forward
 
@@ -113,16 +112,7 @@ def run_ranks(cfg: DictConfig, log: Path) -> int:
                 os.dup2(output.fileno(), 2)
                 if devices > 1:
                     os.environ.update(ranks, LOCAL_RANK=str(rank), NODE_RANK="0")
-                try:
-                    deterministic_run(cfg)
-                    code = 0
-                except BaseException:
-                    traceback.print_exc()
-                    code = 1
-                atexit._run_exitfuncs()
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)  # without the interpreter's teardown of torch and Lightning (a second)
+                run_and_exit(lambda: deterministic_run(cfg))
             children.add(pid)
     code = 0
     while children:
