@@ -404,8 +404,9 @@ def study(out: Path, parallel: int, smoke: bool) -> None:
 
     log("stage 0: VAE pre-training", started)
     stage0 = run_dir(out, "vae_pretrain", 0)
-    run_all([("vae_pretrain", 0, stage0)], out, parallel, smoke, started)
-    extract(out, stage0, "stage0")
+    if not (out / "vae" / "stage0" / "stage0.pt").is_file():  # extracted only from a finished run
+        run_all([("vae_pretrain", 0, stage0)], out, parallel, smoke, started)
+        extract(out, stage0, "stage0")
     now = stage("vae_pretrain", now)
 
     log(f"stage arms: {', '.join(FIRST_ARMS)} x seeds {list(seeds)}", started)

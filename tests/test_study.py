@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 
@@ -108,8 +109,8 @@ def test_study_rows_hold_the_scheduled_steps_only_with_their_diagnostics(tmp_pat
 @pytest.mark.slow  # minutes on 2 busy cores: eight 1280-d Fréchet distances and six training processes
 def test_smoke_study_writes_every_output_with_rows_for_every_arm(tmp_path):
     out = tmp_path / "study"
-    command = [sys.executable, "-m", "repae.study", "--smoke", "--out", str(out), "--parallel", "4"]
-    result = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    smoke = [sys.executable, "-m", "repae.study", "--smoke", "--out", str(out), "--parallel", "4"]
+    result = subprocess.run(smoke, capture_output=True, text=True, env=os.environ.copy())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for name in ("results.csv", "summary.md", "fd_vs_step.png", "grids.png", "timing.json"):
         assert (out / name).is_file(), name
@@ -130,3 +131,13 @@ def test_smoke_study_writes_every_output_with_rows_for_every_arm(tmp_path):
     command = [sys.executable, "-m", "repae.study", "--out", str(out), "--report-only"]
     subprocess.run(command, check=True, capture_output=True, env=os.environ.copy())
     assert (out / "summary.md").read_text() == summary
+
+    # Resumed with only the stage-0 VAE kept (what a new machine gets back), the study trains no
+    # stage-0 run again and its finished arms stay as they were.
+    results = (out / "results.csv").read_bytes()
+    shutil.rmtree(out / "runs" / "vae_pretrain_s0")
+    resumed = subprocess.run(smoke, capture_output=True, text=True, env=os.environ.copy())
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert not (out / "runs" / "vae_pretrain_s0").exists()
+    assert "started" not in resumed.stdout  # every run was finished
+    assert (out / "results.csv").read_bytes() == results
