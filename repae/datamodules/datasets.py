@@ -239,11 +239,8 @@ class _LazyH5:
 def _require_file(path: Path, config_key: str) -> Path:
     """``path``, or an error naming the setting that points at its folder and the command that makes it."""
     if not path.is_file():
-        made_by = (
-            "python -m repae.preprocess"
-            if path.name.startswith("images")
-            else "python -m repae.cache_latents"
-        )
+        written_by_preprocess = path.name in ("images.h5", "images_h5.json")
+        made_by = "python -m repae.preprocess" if written_by_preprocess else "python -m repae.cache_latents"
         raise FileNotFoundError(
             f"{path} not found: set {config_key} to the folder that `{made_by}` wrote it into "
             "(images.h5 and images_h5.json from repae.preprocess; {name}.h5 and {name}_h5.json from "
