@@ -120,6 +120,8 @@ class REPAE(pl.LightningModule):
         compile: torch.compile the SiT, the VAE, the encoders and the loss networks in place.
         compile_options: inductor options for those compilations (``torch.compile(options=...)``,
             names as in ``torch._inductor.list_options()``), e.g. ``coordinate_descent_tuning``.
+            ``triton.cudagraphs`` (CUDA graphs over each compiled network) is for ``ldm_only`` only:
+            the e2e step's backward passes end graph generations whose outputs it still uses.
         vae_compile_options: inductor options for the VAE's compilation alone, over
             ``compile_options``: an option that pays for the VAE's convolutional graphs but would
             lengthen every network's compile (coordinate descent tuning) can be given to it alone.
@@ -179,6 +181,12 @@ class REPAE(pl.LightningModule):
             **self.compile_options,
             **inductor_options("vae_compile_options", vae_compile_options),
         }
+        self.cuda_graphs = bool(self.compile_options.get("triton.cudagraphs"))
+        if self.cuda_graphs and mode != "ldm_only":
+            raise ValueError(
+                f"model.compile_options: triton.cudagraphs works in mode ldm_only only, not {mode}: "
+                "that step's backward passes end CUDA-graph generations whose outputs it still uses"
+            )
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.fast_kernels = fast_kernels
 
@@ -305,7 +313,12 @@ class REPAE(pl.LightningModule):
     # --- training -----------------------------------------------------------------------------
     def encode_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         with torch.no_grad():
-            return [encoder(images, grid_size=self.token_grid) for encoder in self.encoders]
+            features = [encoder(images, grid_size=self.token_grid) for encoder in self.encoders]
+        if self.cuda_graphs:
+            # A graph replayed without grad returns memory of its pool, which the SiT's graph reuses
+            # before the REPA loss reads these features.
+            features = [f.clone() for f in features]
+        return features
 
     def check_batch(self, images: torch.Tensor) -> None:
         """Images must decode to the SiT's latent grid: size = latent size x VAE downsampling."""

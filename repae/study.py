@@ -23,6 +23,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,40 @@ def log(message: str, started: float) -> None:
 
 
 # --- running ------------------------------------------------------------------------------------
+class StageTimes:
+    """Wall seconds per stage in ``timing.json``, summed over the invocations that resumed one study.
+
+    A study split over several calls (a GPU lease ending, a stop by SIGUSR1) keeps the time each call
+    spent, written as each stage ends or fails; ``calls`` counts the invocations, ``total`` sums the
+    stages (start-ups between calls are not counted).
+    """
+
+    def __init__(self, path: Path, started: float):
+        self.path, self.started = path, started
+        earlier = json.loads(path.read_text()) if path.is_file() else {}
+        self.times: dict[str, float] = {
+            key: value
+            for key, value in (earlier.items() if isinstance(earlier, dict) else ())
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        }
+        self.times["calls"] = int(self.times.get("calls", 0)) + 1
+
+    @contextmanager
+    def stage(self, name: str, what: str) -> Iterator[None]:
+        log(f"stage {name}: {what}", self.started)
+        since = time.monotonic()
+        try:
+            yield
+        finally:
+            spent = time.monotonic() - since
+            self.times[name] = round(self.times.get(name, 0.0) + spent, 1)
+            self.times["total"] = round(
+                sum(v for k, v in self.times.items() if k not in ("calls", "total")), 1
+            )
+            self.path.write_text(json.dumps(self.times, indent=2))
+            log(f"stage {name}: {spent:.1f} s", self.started)
+
+
 def run_dir(out: Path, arm: str, seed: int) -> Path:
     return out / "runs" / f"{arm}_s{seed}"
 
@@ -381,66 +417,52 @@ def study(out: Path, parallel: int, smoke: bool) -> None:
     started = time.monotonic()
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    timing: dict[str, float] = {}
+    times = StageTimes(out / "timing.json", started)
     seeds = SEEDS[:1] if smoke else SEEDS
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
 
-    def stage(name: str, since: float) -> float:
-        timing[name] = round(time.monotonic() - since, 1)
-        log(f"stage {name}: {timing[name]} s", started)
-        return time.monotonic()
+    with times.stage("reference", "EffNet statistics of the t10k test images"):
+        images = test_images(smoke)
+        extractor = EfficientNetFeatures(EFFNET_RESOLUTION).to(device)
+        reference = effnet_statistics(images, extractor, device)
+        save_reference_statistics(
+            str(out / "reference_t10k_fd_effnet.npz"),
+            *reference,
+            **reference_record_arrays("effnet", EFFNET_RESOLUTION),
+        )
 
-    now = time.monotonic()
-    log("stage reference: EffNet statistics of the t10k test images", started)
-    images = test_images(smoke)
-    extractor = EfficientNetFeatures(EFFNET_RESOLUTION).to(device)
-    reference = effnet_statistics(images, extractor, device)
-    save_reference_statistics(
-        str(out / "reference_t10k_fd_effnet.npz"),
-        *reference,
-        **reference_record_arrays("effnet", EFFNET_RESOLUTION),
-    )
-    now = stage("reference", now)
+    with times.stage("vae_pretrain", "VAE pre-training (stage 0)"):
+        stage0 = run_dir(out, "vae_pretrain", 0)
+        if not (out / "vae" / "stage0" / "stage0.pt").is_file():  # extracted only from a finished run
+            run_all([("vae_pretrain", 0, stage0)], out, parallel, smoke, started)
+            extract(out, stage0, "stage0")
+        else:
+            log(f"stage-0 VAE found in {out / 'vae' / 'stage0'}: kept", started)
 
-    log("stage 0: VAE pre-training", started)
-    stage0 = run_dir(out, "vae_pretrain", 0)
-    if not (out / "vae" / "stage0" / "stage0.pt").is_file():  # extracted only from a finished run
-        run_all([("vae_pretrain", 0, stage0)], out, parallel, smoke, started)
-        extract(out, stage0, "stage0")
-    now = stage("vae_pretrain", now)
+    with times.stage("arms", f"{', '.join(FIRST_ARMS)} x seeds {list(seeds)}"):
+        jobs = [(arm, s, run_dir(out, arm, s)) for arm in FIRST_ARMS for s in seeds]
+        run_all(jobs, out, parallel, smoke, started)
+        for arm in TUNED_VAES:
+            for s in seeds:
+                extract(out, run_dir(out, arm, s), f"{arm}_s{s}")
 
-    log(f"stage arms: {', '.join(FIRST_ARMS)} x seeds {list(seeds)}", started)
-    run_all(
-        [(arm, s, run_dir(out, arm, s)) for arm in FIRST_ARMS for s in seeds], out, parallel, smoke, started
-    )
-    for arm in TUNED_VAES:
-        for s in seeds:
-            extract(out, run_dir(out, arm, s), f"{arm}_s{s}")
-    now = stage("arms", now)
+    with times.stage("repa_e2e_vae", f"repa_e2e_vae x seeds {list(seeds)}"):
+        jobs = [("repa_e2e_vae", s, run_dir(out, "repa_e2e_vae", s)) for s in seeds]
+        run_all(jobs, out, parallel, smoke, started)
 
-    log(f"stage repa_e2e_vae x seeds {list(seeds)}", started)
-    run_all(
-        [("repa_e2e_vae", s, run_dir(out, "repa_e2e_vae", s)) for s in seeds], out, parallel, smoke, started
-    )
-    now = stage("repa_e2e_vae", now)
-
-    log("stage measurements: rFD, PSNR, latent statistics of each VAE", started)
-    vae_names = ["stage0", *(f"{arm}_s{s}" for arm in TUNED_VAES for s in seeds)]
-    vaes = {name: measure_vae(out / "vae" / name / f"{name}.pt", images, reference, extractor, device)
-            for name in vae_names}  # fmt: skip
-    rows = [row for arm in ARMS for s in seeds for row in fd_rows(out, arm, s)]
-    rows += [{"kind": "vae", "vae": name, **values} for name, values in vaes.items()]
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    last = max(step_table(rows)["repae"])
-    side_by_side(
-        out / "grids.png", {arm: run_dir(out, arm, seeds[0]) / f"samples_step{last:07d}.png" for arm in ARMS}
-    )
-    now = stage("measurements", now)
-    timing["total"] = round(time.monotonic() - started, 1)
-    (out / "timing.json").write_text(json.dumps(timing, indent=2))
+    with times.stage("measurements", "rFD, PSNR, latent statistics of each VAE"):
+        vae_names = ["stage0", *(f"{arm}_s{s}" for arm in TUNED_VAES for s in seeds)]
+        vaes = {name: measure_vae(out / "vae" / name / f"{name}.pt", images, reference, extractor, device)
+                for name in vae_names}  # fmt: skip
+        rows = [row for arm in ARMS for s in seeds for row in fd_rows(out, arm, s)]
+        rows += [{"kind": "vae", "vae": name, **values} for name, values in vaes.items()]
+        with open(out / "results.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        last = max(step_table(rows)["repae"])
+        grids = {arm: run_dir(out, arm, seeds[0]) / f"samples_step{last:07d}.png" for arm in ARMS}
+        side_by_side(out / "grids.png", grids)
     report(out)
     log(f"done: {out / 'summary.md'}", started)
 

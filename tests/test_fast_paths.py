@@ -107,3 +107,21 @@ def test_vae_compile_options_reach_the_vae_alone_over_the_shared_ones(tiny_confi
 def test_an_unknown_compile_option_names_the_config_key(tiny_config, key):
     with pytest.raises(Exception, match=rf"model.{key}.*'coordinate_descent_tunning'"):
         build(tiny_config(f"model.{key}={{coordinate_descent_tunning: true}}"))
+
+
+def test_cuda_graphs_are_refused_where_the_step_reuses_outputs_of_ended_graphs(tiny_config):
+    with pytest.raises(Exception, match="triton.cudagraphs works in mode ldm_only only, not e2e"):
+        build(tiny_config("model.compile_options={triton.cudagraphs: true}"))
+
+
+def test_with_cuda_graphs_the_ldm_step_keeps_the_encoder_features_past_the_next_graph(tiny_config, tmp_path):
+    stats_path = tmp_path / "stats.pt"
+    torch.save({"latents_scale": torch.ones(1, 4, 1, 1), "latents_bias": torch.zeros(1, 4, 1, 1)}, stats_path)
+    ldm_only = ("model.mode=ldm_only", "model.loss=null", f"model.latents_stats_path={stats_path}")
+    model = build(tiny_config(*ldm_only, "model.compile_options={triton.cudagraphs: true}"))
+    pool = torch.randn(4, 16, 8)  # stands for the graph's output memory, which the SiT's graph reuses
+    expected = pool.clone()
+    model.encoders[0].forward = lambda images, grid_size=None: pool
+    features = model.encode_features(torch.zeros(4, 3, 32, 32, dtype=torch.uint8))
+    pool.fill_(float("nan"))
+    torch.testing.assert_close(features[0], expected)

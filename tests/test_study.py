@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from hydra.utils import instantiate
 
 from repae.convert.checkpoints import extract_vae
 from repae.module import REPAE, to_plain
-from repae.study import ARMS, fd_rows, steps_to_reach
+from repae.study import ARMS, StageTimes, fd_rows, steps_to_reach
 
 from test_training import a_batch, fit
 
@@ -106,6 +108,26 @@ def test_study_rows_hold_the_scheduled_steps_only_with_their_diagnostics(tmp_pat
     assert [row["proj_loss"] for row in rows] == [pytest.approx(-0.2), pytest.approx(-0.5)]
 
 
+def test_stage_times_sum_over_resumed_calls_and_keep_a_stage_that_failed(tmp_path):
+    path = tmp_path / "timing.json"
+    path.write_text('["not", "a", "timing"]')  # a foreign file is ignored, not trusted
+    first = StageTimes(path, time.monotonic())
+    with pytest.raises(RuntimeError), first.stage("arms", "the arms"):
+        time.sleep(0.01)
+        raise RuntimeError("runs failed")  # what a stop by SIGUSR1 raises
+    stopped = json.loads(path.read_text())
+    assert stopped["calls"] == 1 and stopped["arms"] >= 0.0
+    second = StageTimes(path, time.monotonic())
+    with second.stage("arms", "the arms"):
+        time.sleep(0.2)
+    with second.stage("measurements", "the VAEs"):
+        pass
+    resumed = json.loads(path.read_text())
+    assert resumed["calls"] == 2
+    assert resumed["arms"] >= stopped["arms"] + 0.1
+    assert resumed["total"] == pytest.approx(resumed["arms"] + resumed["measurements"], abs=0.11)
+
+
 @pytest.mark.slow  # minutes on 2 busy cores: eight 1280-d Fréchet distances and six training processes
 def test_smoke_study_writes_every_output_with_rows_for_every_arm(tmp_path):
     out = tmp_path / "study"
@@ -133,11 +155,16 @@ def test_smoke_study_writes_every_output_with_rows_for_every_arm(tmp_path):
     assert (out / "summary.md").read_text() == summary
 
     # Resumed with only the stage-0 VAE kept (what a new machine gets back), the study trains no
-    # stage-0 run again and its finished arms stay as they were.
+    # stage-0 run again and its finished arms stay as they were; timing.json sums both calls' stages.
     results = (out / "results.csv").read_bytes()
+    first_call = json.loads((out / "timing.json").read_text())
+    assert first_call["calls"] == 1 and first_call["total"] > 0
     shutil.rmtree(out / "runs" / "vae_pretrain_s0")
     resumed = subprocess.run(smoke, capture_output=True, text=True, env=os.environ.copy())
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert not (out / "runs" / "vae_pretrain_s0").exists()
     assert "started" not in resumed.stdout  # every run was finished
     assert (out / "results.csv").read_bytes() == results
+    both_calls = json.loads((out / "timing.json").read_text())
+    assert both_calls["calls"] == 2
+    assert all(both_calls[stage] >= first_call[stage] for stage in first_call if stage != "calls")
