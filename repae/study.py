@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
@@ -43,6 +44,10 @@ from repae.reconstruction import psnr
 ARMS = ("vanilla", "repa", "repae", "naive_e2e", "repa_e2e_vae")
 FIRST_ARMS = ARMS[:4]  # arm 5 needs each seed's REPA-E VAE
 SEEDS = (0, 1)
+# Protocol variants (docs/reproduction.md), each conf/study_variant/<name>.yaml, recorded before run.
+VARIANTS = sorted(
+    path.stem for path in (Path(__file__).resolve().parents[1] / "conf" / "study_variant").glob("*.yaml")
+)
 TUNED_VAES = ("repae", "naive_e2e")  # arms whose VAE is extracted and measured
 VAE_NAME = "f4d4-tiny"  # conf/model/vae/tiny.yaml
 EFFNET_RESOLUTION = 64  # callbacks.fid.effnet_resolution of conf/experiment/study/base.yaml
@@ -112,6 +117,28 @@ class StageTimes:
             log(f"stage {name}: {spent:.1f} s", self.started)
 
 
+def record_variant(out: Path, variant: str | None) -> None:
+    """Write the study's protocol variant to ``study.json``, or check a resumed study's: runs of two
+    variants in one directory would be summarised as one study."""
+    path = out / "study.json"
+    if path.is_file():
+        recorded = read_variant(out)
+        if recorded != variant:
+            raise ValueError(
+                f"{out} holds a study of variant {recorded or 'none (the protocol)'}; this call asks for "
+                f"{variant or 'none (the protocol)'}: give another --out"
+            )
+    path.write_text(json.dumps({"variant": variant}) + "\n")
+
+
+def read_variant(out: Path) -> str | None:
+    path = out / "study.json"
+    recorded = json.loads(path.read_text()).get("variant") if path.is_file() else None
+    if recorded is not None and recorded not in VARIANTS:
+        raise ValueError(f"{path}: unknown variant {recorded!r}; the variants are {', '.join(VARIANTS)}")
+    return recorded
+
+
 def run_dir(out: Path, arm: str, seed: int) -> Path:
     return out / "runs" / f"{arm}_s{seed}"
 
@@ -120,10 +147,14 @@ def finished(directory: Path) -> bool:
     return (directory / "final_metrics.json").is_file()
 
 
-def train_command(out: Path, experiment: str, seed: int, directory: Path, smoke: bool) -> list[str]:
+def train_command(
+    out: Path, experiment: str, seed: int, directory: Path, smoke: bool, variant: str | None = None
+) -> list[str]:
     return [
         sys.executable, "-m", "repae.train", f"experiment=study/{experiment}", f"seed={seed}",
         f"study_dir={out}", f"hydra.run.dir={directory}",
+        # stage 0 stays the protocol's: its VAE sees no labels, and every variant may share it
+        *([f"+study_variant={variant}"] if variant and experiment != "vae_pretrain" else []),
         *(SMOKE_OVERRIDES if smoke else []),
         *(SMOKE_SAMPLING_OVERRIDES if smoke and experiment != "vae_pretrain" else []),
     ]  # fmt: skip
@@ -141,7 +172,14 @@ def process_environment(parallel: int) -> dict[str, str]:
     return environment
 
 
-def run_all(jobs: list[tuple[str, int, Path]], out: Path, parallel: int, smoke: bool, started: float) -> None:
+def run_all(
+    jobs: list[tuple[str, int, Path]],
+    out: Path,
+    parallel: int,
+    smoke: bool,
+    started: float,
+    variant: str | None,
+) -> None:
     """Run the unfinished (experiment, seed, run directory) jobs, ``parallel`` at a time, each logging
     to ``<run directory>.log``; raise naming the runs that failed."""
     pending = [job for job in jobs if not finished(job[2])]
@@ -156,7 +194,7 @@ def run_all(jobs: list[tuple[str, int, Path]], out: Path, parallel: int, smoke: 
             directory.parent.mkdir(parents=True, exist_ok=True)
             log_file = open(directory.with_suffix(".log"), "a")  # noqa: SIM115 (closed with the process)
             process = subprocess.Popen(
-                train_command(out, experiment, seed, directory, smoke),
+                train_command(out, experiment, seed, directory, smoke, variant),
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 env=process_environment(parallel),
@@ -331,10 +369,11 @@ def mean_spread_table(title: str, table: dict[str, dict[int, list[float]]], digi
     return lines
 
 
-def write_summary(path: Path, rows: list[dict], vaes, verdict, timing) -> None:
+def write_summary(path: Path, rows: list[dict], vaes, verdict, timing, variant: str | None = None) -> None:
     table = step_table(rows)
     steps = sorted({step for curve in table.values() for step in curve})
-    lines = ["# REPA-E in miniature: results", "", "Protocol and rules: docs/reproduction.md.", "",
+    variant = f", variant {variant}" if variant else ""
+    lines = [f"# REPA-E in miniature: results{variant}", "", "Protocol and rules: docs/reproduction.md.", "",
              *mean_spread_table("FD-EffNet of EMA samples vs the t10k test images (mean ± half the spread "
                                 "over seeds)", table)]  # fmt: skip
     lines += ["", "## (a) steps the vanilla / REPA arms need to reach REPA-E's FD at step N", "",
@@ -412,11 +451,37 @@ def side_by_side(path: Path, grids: dict[str, Path]) -> None:
     canvas.save(path)
 
 
+def target_baselines(
+    train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor
+) -> dict[str, float]:
+    """How much of a REPA target needs no image: the mean cosine similarity on ``test`` of the best
+    predictions that know nothing, the token's position, or the position and the class label.
+
+    ``train``/``test``: encoder tokens ``[N, T, D]``; labels ``[N]``. Each prediction is the mean
+    direction of the training tokens that share what it knows (the cosine-optimal constant). The
+    SiT's REPA loss is minus this similarity, so a SiT, which is given the label, learns from the
+    alignment only what its ``proj_loss`` gains beyond ``-class_position``.
+    """
+    train, test = F.normalize(train.float(), dim=-1), F.normalize(test.float(), dim=-1)
+
+    def similarity(prediction: torch.Tensor) -> float:
+        return (F.normalize(prediction, dim=-1) * test).sum(-1).mean().item()
+
+    by_class = torch.zeros(int(max(train_labels.max(), test_labels.max())) + 1, *train.shape[1:])
+    by_class.index_add_(0, train_labels, train)
+    return {
+        "constant": similarity(train.mean((0, 1)).expand_as(test)),
+        "position": similarity(train.mean(0).expand_as(test)),
+        "class_position": similarity(by_class[test_labels]),
+    }
+
+
 # --- the study ----------------------------------------------------------------------------------
-def study(out: Path, parallel: int, smoke: bool) -> None:
+def study(out: Path, parallel: int, smoke: bool, variant: str | None = None) -> None:
     started = time.monotonic()
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    record_variant(out, variant)
     times = StageTimes(out / "timing.json", started)
     seeds = SEEDS[:1] if smoke else SEEDS
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
@@ -434,21 +499,21 @@ def study(out: Path, parallel: int, smoke: bool) -> None:
     with times.stage("vae_pretrain", "VAE pre-training (stage 0)"):
         stage0 = run_dir(out, "vae_pretrain", 0)
         if not (out / "vae" / "stage0" / "stage0.pt").is_file():  # extracted only from a finished run
-            run_all([("vae_pretrain", 0, stage0)], out, parallel, smoke, started)
+            run_all([("vae_pretrain", 0, stage0)], out, parallel, smoke, started, variant)
             extract(out, stage0, "stage0")
         else:
             log(f"stage-0 VAE found in {out / 'vae' / 'stage0'}: kept", started)
 
     with times.stage("arms", f"{', '.join(FIRST_ARMS)} x seeds {list(seeds)}"):
         jobs = [(arm, s, run_dir(out, arm, s)) for arm in FIRST_ARMS for s in seeds]
-        run_all(jobs, out, parallel, smoke, started)
+        run_all(jobs, out, parallel, smoke, started, variant)
         for arm in TUNED_VAES:
             for s in seeds:
                 extract(out, run_dir(out, arm, s), f"{arm}_s{s}")
 
     with times.stage("repa_e2e_vae", f"repa_e2e_vae x seeds {list(seeds)}"):
         jobs = [("repa_e2e_vae", s, run_dir(out, "repa_e2e_vae", s)) for s in seeds]
-        run_all(jobs, out, parallel, smoke, started)
+        run_all(jobs, out, parallel, smoke, started, variant)
 
     with times.stage("measurements", "rFD, PSNR, latent statistics of each VAE"):
         vae_names = ["stage0", *(f"{arm}_s{s}" for arm in TUNED_VAES for s in seeds)]
@@ -492,7 +557,7 @@ def report(out: Path) -> None:
     timing_file = out / "timing.json"
     timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     plot_fd(out / "fd_vs_step.png", table, step_table(rows, "fd_effnet_raw"))
-    write_summary(out / "summary.md", rows, vaes, verdicts(table, vaes), timing)
+    write_summary(out / "summary.md", rows, vaes, verdicts(table, vaes), timing, read_variant(out))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -500,6 +565,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("logs/study"), help="the study's directory")
     parser.add_argument("--parallel", type=int, default=8, help="training processes at a time on the GPU")
     parser.add_argument("--smoke", action="store_true", help="a couple of CPU steps per stage (the test)")
+    parser.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        help="a protocol variant (conf/study_variant/), applied to every arm; give it its own --out",
+    )
     parser.add_argument(
         "--report-only",
         action="store_true",
@@ -512,7 +582,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.report_only:
             report(args.out)
         else:
-            study(args.out, args.parallel, args.smoke)
+            study(args.out, args.parallel, args.smoke, args.variant)
 
 
 if __name__ == "__main__":

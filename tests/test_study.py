@@ -17,7 +17,15 @@ from hydra.utils import instantiate
 
 from repae.convert.checkpoints import extract_vae
 from repae.module import REPAE, to_plain
-from repae.study import ARMS, StageTimes, fd_rows, steps_to_reach
+from repae.study import (
+    ARMS,
+    StageTimes,
+    fd_rows,
+    record_variant,
+    steps_to_reach,
+    target_baselines,
+    train_command,
+)
 
 from test_training import a_batch, fit
 
@@ -79,6 +87,30 @@ def test_vae_only_trains_vae_and_discriminator_without_a_sit_and_extracts_like_e
     assert set(files) == {"vae", "latents_stats", "discriminator"}
 
 
+def test_the_unconditional_variant_trains_a_sit_that_is_given_no_class(tiny_config):
+    cfg = tiny_config("+study_variant=unconditional", "model.max_train_steps=2")
+    assert cfg.callbacks.image_grid.labels is None
+    dataset = instantiate(cfg.data.dataset)
+    assert {int(dataset[i]["label"]) for i in range(len(dataset))} == {0}
+    model = build(cfg)
+    assert model.num_classes == 1 and model.sit.y_embedder.embedding_table.num_embeddings == 1
+    fit(cfg, model)
+    assert model.step == 2
+
+
+def test_a_variant_reaches_every_arm_but_stage_0_and_a_study_keeps_its_variant(tmp_path):
+    def variant_overrides(experiment: str) -> list[str]:
+        command = train_command(tmp_path, experiment, 0, tmp_path / "run", False, "unconditional")
+        return [arg for arg in command if "study_variant" in arg]
+
+    assert variant_overrides("repa") == ["+study_variant=unconditional"]
+    assert variant_overrides("vae_pretrain") == []
+    record_variant(tmp_path, None)
+    record_variant(tmp_path, None)  # resuming the same study
+    with pytest.raises(ValueError, match="variant none .*asks for unconditional: give another --out"):
+        record_variant(tmp_path, "unconditional")
+
+
 def test_steps_to_reach_interpolates_in_log_step():
     curve = {500: 40.0, 1000: 20.0, 2000: 10.0}
     assert steps_to_reach(curve, 20.0) == ("", pytest.approx(1000))
@@ -106,6 +138,20 @@ def test_study_rows_hold_the_scheduled_steps_only_with_their_diagnostics(tmp_pat
     ]
     assert [row["denoising_loss"] for row in rows] == [pytest.approx(0.4), pytest.approx(0.15)]
     assert [row["proj_loss"] for row in rows] == [pytest.approx(-0.2), pytest.approx(-0.5)]
+
+
+def test_a_target_set_by_class_and_position_is_predicted_without_the_image():
+    torch.manual_seed(0)
+    labels = torch.arange(40) % 4
+    per_class = torch.randn(4, 3, 8)  # 4 classes, 3 token positions, 8-d tokens
+    train = per_class[labels] * (0.5 + torch.rand(40, 1, 1))  # a token's length does not change its cosine
+    test = per_class[labels[:12]] * 2
+    found = target_baselines(train, labels, test, labels[:12])
+    assert found["class_position"] == pytest.approx(1.0, abs=1e-6)
+    assert found["constant"] < found["position"] < found["class_position"]
+
+    noise = torch.randn(12, 3, 8)  # a target the class and position say nothing about
+    assert abs(target_baselines(train, labels, noise, labels[:12])["class_position"]) < 0.3
 
 
 def test_stage_times_sum_over_resumed_calls_and_keep_a_stage_that_failed(tmp_path):

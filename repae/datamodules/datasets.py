@@ -83,6 +83,8 @@ class FashionMNIST(Dataset):
         split: ``"train"`` (60,000 images) or ``"test"`` (10,000 images).
         image_size: output side.
         max_images: keep only the first ``max_images`` samples (``None``: all).
+        class_labels: False gives every image the label 0, for a class-unconditional model
+            (``model.sit.num_classes=1``: the study's variant ``unconditional``).
     """
 
     classes = (
@@ -96,6 +98,7 @@ class FashionMNIST(Dataset):
         split: str = "train",
         image_size: int = 32,
         max_images: int | None = None,
+        class_labels: bool = True,
     ):
         if split not in ("train", "test"):
             raise ValueError(f"FashionMNIST split must be 'train' or 'test', got {split!r}")
@@ -115,6 +118,7 @@ class FashionMNIST(Dataset):
         if len(self.images) != len(self.labels):
             raise ValueError(f"{images_file} and {labels_file} hold different numbers of samples")
         self.image_size = image_size
+        self.class_labels = class_labels
 
     def __len__(self) -> int:
         return len(self.images)
@@ -128,7 +132,7 @@ class FashionMNIST(Dataset):
                 Image.fromarray(grey).resize((self.image_size, self.image_size), resample=Image.BICUBIC)
             )
         image = torch.from_numpy(grey).unsqueeze(0).repeat(3, 1, 1)
-        return _sample(image, int(self.labels[index]))
+        return _sample(image, int(self.labels[index]) if self.class_labels else 0)
 
 
 def _read_idx(path: Path, magic: int, keep: int | None = None) -> np.ndarray:
