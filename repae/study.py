@@ -133,7 +133,8 @@ def record_variant(out: Path, variant: str | None) -> None:
 
 def read_variant(out: Path) -> str | None:
     path = out / "study.json"
-    recorded = json.loads(path.read_text()).get("variant") if path.is_file() else None
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    recorded = record.get("variant") if isinstance(record, dict) else record
     if recorded is not None and recorded not in VARIANTS:
         raise ValueError(f"{path}: unknown variant {recorded!r}; the variants are {', '.join(VARIANTS)}")
     return recorded

@@ -109,6 +109,9 @@ def test_a_variant_reaches_every_arm_but_stage_0_and_a_study_keeps_its_variant(t
     record_variant(tmp_path, None)  # resuming the same study
     with pytest.raises(ValueError, match="variant none .*asks for unconditional: give another --out"):
         record_variant(tmp_path, "unconditional")
+    (tmp_path / "study.json").write_text('["not", "a", "record"]')
+    with pytest.raises(ValueError, match="unknown variant"):  # a foreign file is refused, not trusted
+        record_variant(tmp_path, None)
 
 
 def test_steps_to_reach_interpolates_in_log_step():
