@@ -380,7 +380,8 @@ class REPAE(pl.LightningModule):
         # then launched while the GPU runs the VAE's large ones, instead of at the step start,
         # where the GPU would wait for the host to launch them.
         zs = self.encode_features(images)
-        reg_loss, reg_logs = self.vae_loss(x, recon, posterior, self.step, mode="generator")
+        gan_factor = self.vae_loss.factor(self.step)
+        reg_loss, reg_logs = self.vae_loss(x, recon, posterior, gan_factor, mode="generator")
         # Frozen-SiT pass: eval mode (BN running stats, no label dropout), detached parameters.
         self.sit.eval()
         align = call_with_frozen_parameters(
@@ -400,7 +401,7 @@ class REPAE(pl.LightningModule):
             ablation_logs["vae_denoising_loss"] = vae_denoising_loss
         backward("vae", vae_total_loss)
 
-        d_loss, d_logs = self.vae_loss(x, recon, posterior, self.step, mode="discriminator")
+        d_loss, d_logs = self.vae_loss(x, recon, posterior, gan_factor, mode="discriminator")
         backward("disc", d_loss)
 
         self.sit.train()
@@ -430,9 +431,10 @@ class REPAE(pl.LightningModule):
         posterior, z, recon = self.vae(x)
         with torch.no_grad():
             self.latents_bn.train()(z.float())
-        vae_loss, reg_logs = self.vae_loss(x, recon, posterior, self.step, mode="generator")
+        gan_factor = self.vae_loss.factor(self.step)
+        vae_loss, reg_logs = self.vae_loss(x, recon, posterior, gan_factor, mode="generator")
         backward("vae", vae_loss)
-        d_loss, d_logs = self.vae_loss(x, recon, posterior, self.step, mode="discriminator")
+        d_loss, d_logs = self.vae_loss(x, recon, posterior, gan_factor, mode="discriminator")
         backward("disc", d_loss)
         return {
             "vae_loss": vae_loss,

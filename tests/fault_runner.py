@@ -66,6 +66,7 @@ import repae.module  # noqa: F401
 from repae.modules.losses import VAERegularizationLoss
 from repae.optim_step import JointStep
 
+from helpers.faults import nan_vae_loss_methods
 from helpers.forked import run_and_exit
 
 
@@ -136,15 +137,8 @@ def fail_checkpoint_write(step: int, file: str, action: str, probe: str) -> None
 
 
 def nan_vae_loss(from_step: int) -> None:
-    original = VAERegularizationLoss.forward
-
-    def forward(self, inputs, reconstructions, posterior, step, mode="generator"):
-        loss, logs = original(self, inputs, reconstructions, posterior, step, mode)
-        if mode == "generator" and step + 1 >= from_step:  # ``step`` counts completed steps
-            loss = loss * float("nan")
-        return loss, logs
-
-    VAERegularizationLoss.forward = forward
+    for name, method in nan_vae_loss_methods(lambda step: step >= from_step).items():
+        setattr(VAERegularizationLoss, name, method)
 
 
 def wait_for(path: str) -> None:

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch._dynamo.testing
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -73,7 +74,7 @@ def test_generator_loss_matches_hand_computed_terms(reconstruction_loss, reconst
         discriminator_factor=1.0,
     )
     x, x_hat = images()
-    loss, logs = loss_fn(x, x_hat, StubPosterior(torch.tensor([2.0, 4.0])), step=0)
+    loss, logs = loss_fn(x, x_hat, StubPosterior(torch.tensor([2.0, 4.0])), gan_factor=loss_fn.factor(0))
 
     reconstruction = 2.0 * reconstruction_value / 2.0  # weight 2, divided by exp(logvar) = 2
     perceptual = 0.5 * (2 * 0.5 + 2 * 0.25) / 2  # mean over batch of the stub distance
@@ -100,7 +101,7 @@ def test_discriminator_loss_is_hinge_loss_times_factor():
     loss_fn = make_loss(discriminator_factor=2.0)
     x, x_hat = images()
     x = torch.full_like(x, 1 / 6)  # real logits 0.5
-    loss, logs = loss_fn(x, x_hat, None, step=0, mode="discriminator")
+    loss, logs = loss_fn(x, x_hat, None, gan_factor=loss_fn.factor(0), mode="discriminator")
 
     real_term = 1 - 0.5  # relu(1 - 0.5)
     fake_term = ((1 + 1.5) + (1 - 0.75)) / 2  # relu(1 + D(x_hat)) for logits 1.5 and -0.75
@@ -118,18 +119,18 @@ def test_gan_terms_are_off_before_discriminator_start():
     x, x_hat = images()
     posterior = StubPosterior(torch.zeros(2))
 
-    before, logs_before = loss_fn(x, x_hat, posterior, step=9)
+    before, logs_before = loss_fn(x, x_hat, posterior, gan_factor=loss_fn.factor(9))
     assert logs_before["discriminator_factor"].item() == 0.0
     assert logs_before["gan_loss"].item() == 0.0
     assert logs_before["weighted_gan_loss"].item() == 0.0
-    d_loss_before, _ = loss_fn(x, x_hat, None, step=9, mode="discriminator")
+    d_loss_before, _ = loss_fn(x, x_hat, None, gan_factor=loss_fn.factor(9), mode="discriminator")
     assert d_loss_before.item() == 0.0
 
-    after, logs_after = loss_fn(x, x_hat, posterior, step=10)
+    after, logs_after = loss_fn(x, x_hat, posterior, gan_factor=loss_fn.factor(10))
     assert logs_after["discriminator_factor"].item() == 1.0
     assert logs_after["gan_loss"].item() == pytest.approx(-0.375)
     assert (after - before).item() == pytest.approx(0.1 * -0.375)
-    d_loss_after, _ = loss_fn(x, x_hat, None, step=10, mode="discriminator")
+    d_loss_after, _ = loss_fn(x, x_hat, None, gan_factor=loss_fn.factor(10), mode="discriminator")
     assert d_loss_after.item() > 0.0
 
 
@@ -138,7 +139,7 @@ def test_lecam_regularization_uses_and_updates_logit_emas():
     loss_fn = make_loss(lecam_regularization_weight=0.5, lecam_ema_decay=0.9)
     x, x_hat = images()
     x = torch.full_like(x, 1 / 6)  # mean real logit 0.5; mean fake logit 0.375
-    _, logs = loss_fn(x, x_hat, None, step=0, mode="discriminator")
+    _, logs = loss_fn(x, x_hat, None, gan_factor=loss_fn.factor(0), mode="discriminator")
 
     # EMAs start at 0: relu(0.5 - 0)^2 + relu(0 - 0.375)^2 = 0.25, times the weight.
     assert logs["lecam_loss"].item() == pytest.approx(0.5 * 0.25)
@@ -164,7 +165,7 @@ def test_generator_mode_gives_no_gradient_to_discriminator_parameters():
     x = torch.randn(2, 3, 8, 8)
     x_hat = torch.randn(2, 3, 8, 8, requires_grad=True)
 
-    loss, _ = loss_fn(x, x_hat, StubPosterior(torch.zeros(2)), step=0)
+    loss, _ = loss_fn(x, x_hat, StubPosterior(torch.zeros(2)), gan_factor=loss_fn.factor(0))
     loss.backward()
 
     assert all(p.grad is None for p in discriminator.parameters())
@@ -190,7 +191,9 @@ def test_gan_gradient_to_reconstructions_matches_plain_discriminator_call():
         reconstruction_weight=0.0,
         kl_weight=0.0,
     )
-    loss, _ = loss_fn(torch.zeros_like(x_hat), x_hat, StubPosterior(torch.zeros(2)), step=0)
+    loss, _ = loss_fn(
+        torch.zeros_like(x_hat), x_hat, StubPosterior(torch.zeros(2)), gan_factor=loss_fn.factor(0)
+    )
     loss.backward()
     torch.testing.assert_close(x_hat.grad, expected)
 
@@ -217,7 +220,7 @@ def test_discriminator_mode_gives_no_gradient_to_reconstructions():
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     x_hat = torch.randn(2, 3, 8, 8, requires_grad=True)
 
-    loss, _ = loss_fn(x, x_hat, None, step=0, mode="discriminator")
+    loss, _ = loss_fn(x, x_hat, None, gan_factor=loss_fn.factor(0), mode="discriminator")
     loss.backward()
 
     assert x_hat.grad is None
@@ -232,10 +235,12 @@ def test_losses_are_float32_for_bfloat16_inputs_and_under_autocast(mode):
     x, x_hat = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
     posterior = StubPosterior(torch.tensor([1.0, 3.0], dtype=torch.bfloat16))
 
-    reference, _ = loss_fn(x, x_hat, posterior, step=0, mode=mode)
-    from_bf16, logs = loss_fn(x.bfloat16(), x_hat.bfloat16(), posterior, step=0, mode=mode)
+    reference, _ = loss_fn(x, x_hat, posterior, gan_factor=loss_fn.factor(0), mode=mode)
+    from_bf16, logs = loss_fn(
+        x.bfloat16(), x_hat.bfloat16(), posterior, gan_factor=loss_fn.factor(0), mode=mode
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        under_autocast, _ = loss_fn(x, x_hat, posterior, step=0, mode=mode)
+        under_autocast, _ = loss_fn(x, x_hat, posterior, gan_factor=loss_fn.factor(0), mode=mode)
 
     assert from_bf16.dtype == torch.float32
     assert all(value.dtype == torch.float32 for value in logs.values())
@@ -267,11 +272,11 @@ def test_autocast_networks_runs_the_networks_in_bfloat16_and_the_loss_in_float32
     x, x_hat = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
     posterior = StubPosterior(torch.tensor([1.0, 3.0]))
 
-    reference, _ = loss_fn(x, x_hat, posterior, step=0, mode=mode)
+    reference, _ = loss_fn(x, x_hat, posterior, gan_factor=loss_fn.factor(0), mode=mode)
     assert set(convolution_dtypes) == {torch.float32}  # no autocast around the call: float32
     convolution_dtypes.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, logs = loss_fn(x, x_hat, posterior, step=0, mode=mode)
+        loss, logs = loss_fn(x, x_hat, posterior, gan_factor=loss_fn.factor(0), mode=mode)
 
     assert set(convolution_dtypes) == {torch.bfloat16}
     assert loss.dtype == torch.float32
@@ -280,12 +285,23 @@ def test_autocast_networks_runs_the_networks_in_bfloat16_and_the_loss_in_float32
     torch.testing.assert_close(loss, reference, rtol=3e-2, atol=1e-3)
 
 
+def test_a_compiled_loss_is_traced_once_while_the_gan_factor_holds():
+    loss_fn = make_loss(discriminator_start=2)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(loss_fn, backend=counter)
+    x, x_hat = images()
+    posterior = StubPosterior(torch.zeros(2))
+    for step in range(4):  # factor 0, 0, then 1, 1: one trace per value, none per step
+        compiled(x, x_hat, posterior, gan_factor=loss_fn.factor(step))
+    assert counter.frame_count == 2
+
+
 def test_invalid_options_raise():
     with pytest.raises(ValueError, match="l1"):
         make_loss(reconstruction_loss="l3")
     x, x_hat = images()
     with pytest.raises(ValueError, match="discriminator"):
-        make_loss()(x, x_hat, None, step=0, mode="critic")
+        make_loss()(x, x_hat, None, gan_factor=1.0, mode="critic")
 
 
 def test_alignment_loss_is_minus_one_for_identical_features():

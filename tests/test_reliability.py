@@ -26,6 +26,7 @@ from repae.modules.vae import AutoencoderKL
 from repae.train import input_error, train
 
 from conftest import TINY_OVERRIDES, compose_config
+from helpers.faults import nan_vae_loss_methods
 
 LOSSES = ("sit_loss", "vae_loss", "d_loss")
 # No sample grid or loss plot: these runs are about state, and every second counts on 2 cores.
@@ -230,13 +231,8 @@ def test_a_full_disk_is_reported_in_one_line(kill_chain):
 # --- non-finite losses ------------------------------------------------------------------------
 def nan_vae_loss_at(monkeypatch, steps: set[int]) -> None:
     """Make the VAE loss NaN in the given 1-based steps."""
-    original = VAERegularizationLoss.forward
-
-    def forward(self, inputs, reconstructions, posterior, step, mode="generator"):
-        loss, logs = original(self, inputs, reconstructions, posterior, step, mode)
-        return (loss * float("nan") if mode == "generator" and step + 1 in steps else loss), logs
-
-    monkeypatch.setattr(VAERegularizationLoss, "forward", forward)
+    for name, method in nan_vae_loss_methods(steps.__contains__).items():
+        monkeypatch.setattr(VAERegularizationLoss, name, method)
 
 
 def record_state_around_steps(monkeypatch) -> dict[int, tuple[dict, dict]]:

@@ -153,7 +153,7 @@ class VAERegularizationLoss(nn.Module):
         inputs: torch.Tensor,
         reconstructions: torch.Tensor,
         posterior: Any,
-        step: int,
+        gan_factor: float,
         mode: str = "generator",
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """
@@ -161,7 +161,9 @@ class VAERegularizationLoss(nn.Module):
             inputs: real images x, [B, 3, H, W] in [-1, 1].
             reconstructions: x_hat, [B, 3, H, W] in [-1, 1].
             posterior: the VAE posterior; only `posterior.kl()` -> [B] is used (generator mode).
-            step: global step, for the discriminator_start gate.
+            gan_factor: ``factor(step)``, the GAN terms' weight at this step. A float, not the step:
+                torch.compile specialises on it, so a compiled loss traces once per value (twice a
+                run) where an int step would be traced again at step 1.
             mode: "generator" or "discriminator".
 
         Returns:
@@ -177,8 +179,8 @@ class VAERegularizationLoss(nn.Module):
             inputs = inputs.float()
             reconstructions = reconstructions.float()
             if mode == "generator":
-                return self._generator_loss(inputs, reconstructions, posterior, step, network_dtype)
-            return self._discriminator_loss(inputs, reconstructions, step, network_dtype)
+                return self._generator_loss(inputs, reconstructions, posterior, gan_factor, network_dtype)
+            return self._discriminator_loss(inputs, reconstructions, gan_factor, network_dtype)
 
     @staticmethod
     def _network_precision(device_type: str, dtype: torch.dtype | None):
@@ -191,7 +193,7 @@ class VAERegularizationLoss(nn.Module):
         inputs: torch.Tensor,
         reconstructions: torch.Tensor,
         posterior: Any,
-        step: int,
+        factor: float,
         network_dtype: torch.dtype | None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.reconstruction_loss == "l1":
@@ -207,7 +209,6 @@ class VAERegularizationLoss(nn.Module):
         kl = posterior.kl().float()
         kl_loss = self.kl_weight * kl.sum() / kl.shape[0]
 
-        factor = self.factor(step)
         gan_loss = torch.zeros((), device=inputs.device)
         if factor > 0.0 and self.discriminator_weight > 0.0:
             with self._network_precision(inputs.device.type, network_dtype):
@@ -233,7 +234,7 @@ class VAERegularizationLoss(nn.Module):
         self,
         inputs: torch.Tensor,
         reconstructions: torch.Tensor,
-        step: int,
+        factor: float,
         network_dtype: torch.dtype | None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # The official code also sets requires_grad on the real images, but never uses that
@@ -241,7 +242,7 @@ class VAERegularizationLoss(nn.Module):
         with self._network_precision(inputs.device.type, network_dtype):
             logits_real = self.discriminator(inputs.detach()).float()
             logits_fake = self.discriminator(reconstructions.detach()).float()
-        discriminator_loss = self.factor(step) * hinge_discriminator_loss(logits_real, logits_fake)
+        discriminator_loss = factor * hinge_discriminator_loss(logits_real, logits_fake)
 
         regularization = torch.zeros((), device=inputs.device)
         if self.lecam_regularization_weight > 0.0:
