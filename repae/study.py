@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -182,37 +183,62 @@ def run_all(
     variant: str | None,
 ) -> None:
     """Run the unfinished (experiment, seed, run directory) jobs, ``parallel`` at a time, each logging
-    to ``<run directory>.log``; raise naming the runs that failed."""
+    to ``<run directory>.log``; raise naming the runs that failed.
+
+    SIGUSR1 or SIGTERM to the study (SLURM's warning before a time limit, a lease ending) is passed
+    on to the runs as SIGUSR1, on which each writes its checkpoint at a step boundary and stops; no
+    run is started after it, and the study ends with an error saying the same command resumes.
+    """
     pending = [job for job in jobs if not finished(job[2])]
     for _, _, directory in jobs:
         if finished(directory):
             log(f"{directory.name}: finished earlier, skipped", started)
     running: list[tuple[subprocess.Popen, Path]] = []
-    failed = []
-    while pending or running:
-        while pending and len(running) < parallel:
-            experiment, seed, directory = pending.pop(0)
-            directory.parent.mkdir(parents=True, exist_ok=True)
-            log_file = open(directory.with_suffix(".log"), "a")  # noqa: SIM115 (closed with the process)
-            process = subprocess.Popen(
-                train_command(out, experiment, seed, directory, smoke, variant),
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=process_environment(parallel),
-            )
-            log_file.close()
-            running.append((process, directory))
-            log(f"{directory.name}: started", started)
-        time.sleep(0.5)
-        for process, directory in list(running):
-            if process.poll() is not None:
-                running.remove((process, directory))
-                ok = process.returncode == 0 and finished(directory)
-                log(f"{directory.name}: {'done' if ok else f'FAILED (see {directory}.log)'}", started)
-                if not ok:
-                    failed.append(directory.name)
+    failed, stopped_by = [], []
+
+    def stop(signum, frame) -> None:
+        stopped_by.append(signal.Signals(signum).name)
+        pending.clear()
+        for process, _ in running:
+            process.send_signal(signal.SIGUSR1)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                experiment, seed, directory = pending.pop(0)
+                directory.parent.mkdir(parents=True, exist_ok=True)
+                log_file = open(directory.with_suffix(".log"), "a")  # noqa: SIM115 (closed with the process)
+                process = subprocess.Popen(
+                    train_command(out, experiment, seed, directory, smoke, variant),
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env=process_environment(parallel),
+                )
+                log_file.close()
+                running.append((process, directory))
+                log(f"{directory.name}: started", started)
+            time.sleep(0.5)
+            for process, directory in list(running):
+                if process.poll() is not None:
+                    running.remove((process, directory))
+                    if process.returncode == 0 and finished(directory):
+                        log(f"{directory.name}: done", started)
+                    elif stopped_by:
+                        log(f"{directory.name}: stopped ({stopped_by[0]})", started)
+                    else:
+                        log(f"{directory.name}: FAILED (see {directory}.log)", started)
+                        failed.append(directory.name)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if failed:
         raise RuntimeError(f"runs failed: {', '.join(failed)}; their logs are next to their run directories")
+    if stopped_by:
+        raise RuntimeError(
+            f"stopped by {stopped_by[0]}: the unfinished runs wrote their checkpoints; "
+            "the same command resumes them"
+        )
 
 
 def extract(out: Path, run: Path, name: str) -> Path:

@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -155,6 +156,43 @@ def test_a_target_set_by_class_and_position_is_predicted_without_the_image():
 
     noise = torch.randn(12, 3, 8)  # a target the class and position say nothing about
     assert abs(target_baselines(train, labels, noise, labels[:12])["class_position"]) < 0.3
+
+
+STOPPABLE_STUDY = """
+import sys, time
+from pathlib import Path
+import repae.study as study
+
+out = Path(sys.argv[1])
+child = (
+    "import signal, sys, time; from pathlib import Path; d = Path(sys.argv[1]); "
+    "signal.signal(signal.SIGUSR1, lambda *a: (d.joinpath('checkpointed').touch(), sys.exit(0))); "
+    "d.mkdir(parents=True, exist_ok=True); d.joinpath('ready').touch(); time.sleep(60)"
+)
+study.train_command = lambda out, experiment, seed, directory, *rest: [sys.executable, "-c", child, str(directory)]
+jobs = [("repa", seed, out / "runs" / f"repa_s{seed}") for seed in (0, 1)]
+try:
+    study.run_all(jobs, out, 1, False, time.monotonic(), None)
+except RuntimeError as error:
+    print(f"error: {error}")
+    sys.exit(1)
+"""
+
+
+def test_a_signal_to_the_study_checkpoints_its_runs_and_starts_no_other(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-c", STOPPABLE_STUDY, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    first = tmp_path / "runs" / "repa_s0"
+    deadline = time.monotonic() + 60
+    while not (first / "ready").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGUSR1)  # what SLURM sends before the time limit
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert "error: stopped by SIGUSR1" in output and "the same command resumes them" in output
+    assert (first / "checkpointed").exists()  # the run was told to write its checkpoint
+    assert not (tmp_path / "runs" / "repa_s1.log").exists()  # and no other run started
 
 
 def test_stage_times_sum_over_resumed_calls_and_keep_a_stage_that_failed(tmp_path):
