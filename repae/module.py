@@ -29,6 +29,7 @@ stats from it as it reads them from the EMA SiT's, so a pre-trained VAE is extra
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from functools import cached_property, partial
 from typing import Any
@@ -181,11 +182,14 @@ class REPAE(pl.LightningModule):
             **self.compile_options,
             **inductor_options("vae_compile_options", vae_compile_options),
         }
-        self.cuda_graphs = bool(self.compile_options.get("triton.cudagraphs"))
+        self.cuda_graphs = os.environ.get("TORCHINDUCTOR_CUDAGRAPHS") == "1" or any(
+            options.get("triton.cudagraphs") for options in (self.compile_options, self.vae_compile_options)
+        )
         if self.cuda_graphs and mode != "ldm_only":
             raise ValueError(
-                f"model.compile_options: triton.cudagraphs works in mode ldm_only only, not {mode}: "
-                "that step's backward passes end CUDA-graph generations whose outputs it still uses"
+                f"CUDA graphs (triton.cudagraphs in model.compile_options or model.vae_compile_options, or "
+                f"TORCHINDUCTOR_CUDAGRAPHS=1) work in mode ldm_only only, not {mode}: that step's backward "
+                "passes end CUDA-graph generations whose outputs it still uses"
             )
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.fast_kernels = fast_kernels

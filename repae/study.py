@@ -84,6 +84,27 @@ def log(message: str, started: float) -> None:
 
 
 # --- running ------------------------------------------------------------------------------------
+def read_json_record(path: Path, what: str) -> object:
+    """``path``'s JSON, or ``{}`` when there is none; a file that is not JSON is refused by name."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, RecursionError) as error:
+        raise ValueError(f"{path} is not a {what} ({type(error).__name__}: {error}); remove it") from None
+
+
+def stage_times(path: Path) -> dict[str, float]:
+    """The finite numbers of a ``timing.json`` (anything else in it is left out)."""
+    record = read_json_record(path, "timing record")
+    items = record.items() if isinstance(record, dict) else ()
+    return {
+        key: value
+        for key, value in items
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    }
+
+
 class StageTimes:
     """Wall seconds per stage in ``timing.json``, summed over the invocations that resumed one study.
 
@@ -94,12 +115,7 @@ class StageTimes:
 
     def __init__(self, path: Path, started: float):
         self.path, self.started = path, started
-        earlier = json.loads(path.read_text()) if path.is_file() else {}
-        self.times: dict[str, float] = {
-            key: value
-            for key, value in (earlier.items() if isinstance(earlier, dict) else ())
-            if isinstance(value, int | float) and not isinstance(value, bool)
-        }
+        self.times = stage_times(path)
         self.times["calls"] = int(self.times.get("calls", 0)) + 1
 
     @contextmanager
@@ -122,7 +138,8 @@ def record_variant(out: Path, variant: str | None) -> None:
     """Write the study's protocol variant to ``study.json``, or check a resumed study's: runs of two
     variants in one directory would be summarised as one study."""
     path = out / "study.json"
-    if path.is_file():
+    # A study folder from before study.json existed holds the protocol's runs.
+    if path.is_file() or (out / "runs").is_dir():
         recorded = read_variant(out)
         if recorded != variant:
             raise ValueError(
@@ -134,7 +151,7 @@ def record_variant(out: Path, variant: str | None) -> None:
 
 def read_variant(out: Path) -> str | None:
     path = out / "study.json"
-    record = json.loads(path.read_text()) if path.is_file() else {}
+    record = read_json_record(path, "study record")
     recorded = record.get("variant") if isinstance(record, dict) else record
     if recorded is not None and recorded not in VARIANTS:
         raise ValueError(f"{path}: unknown variant {recorded!r}; the variants are {', '.join(VARIANTS)}")
@@ -168,6 +185,10 @@ def process_environment(parallel: int) -> dict[str, str]:
     Left to their defaults, ``parallel`` processes each start torch and BLAS pools as large as the
     machine, and every evaluation's matrix square root then competes with all of them."""
     environment = dict(os.environ)
+    # Under SLURM each run's RequeueOnSignal would requeue the whole job on the SIGUSR1 the study
+    # passes on (once per run, possibly before the others have checkpointed): the runs only
+    # checkpoint, and resubmitting the study is the job's business.
+    environment.pop("SLURM_JOB_ID", None)
     threads = str(max(1, (os.cpu_count() or 1) // parallel))
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         environment.setdefault(name, threads)
@@ -218,13 +239,16 @@ def run_all(
                 log_file.close()
                 running.append((process, directory))
                 log(f"{directory.name}: started", started)
+                if stopped_by:  # the signal came while this run was being started
+                    process.send_signal(signal.SIGUSR1)
             time.sleep(0.5)
             for process, directory in list(running):
                 if process.poll() is not None:
                     running.remove((process, directory))
                     if process.returncode == 0 and finished(directory):
                         log(f"{directory.name}: done", started)
-                    elif stopped_by:
+                    elif stopped_by and process.returncode in (0, -signal.SIGUSR1):
+                        # 0: checkpointed and stopped; -SIGUSR1: still starting up, nothing to lose
                         log(f"{directory.name}: stopped ({stopped_by[0]})", started)
                     else:
                         log(f"{directory.name}: FAILED (see {directory}.log)", started)
@@ -236,8 +260,8 @@ def run_all(
         raise RuntimeError(f"runs failed: {', '.join(failed)}; their logs are next to their run directories")
     if stopped_by:
         raise RuntimeError(
-            f"stopped by {stopped_by[0]}: the unfinished runs wrote their checkpoints; "
-            "the same command resumes them"
+            f"stopped by {stopped_by[0]}: the unfinished runs wrote their checkpoints (a run still "
+            "starting up had none to write); the same command resumes them"
         )
 
 
@@ -581,8 +605,7 @@ def report(out: Path) -> None:
     """summary.md (tables and verdicts) and fd_vs_step.png from ``out``'s results.csv and timing.json."""
     rows, vaes = read_results(out / "results.csv")
     table = step_table(rows)
-    timing_file = out / "timing.json"
-    timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+    timing = stage_times(out / "timing.json")
     plot_fd(out / "fd_vs_step.png", table, step_table(rows, "fd_effnet_raw"))
     write_summary(out / "summary.md", rows, vaes, verdicts(table, vaes), timing, read_variant(out))
 

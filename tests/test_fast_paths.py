@@ -109,9 +109,22 @@ def test_an_unknown_compile_option_names_the_config_key(tiny_config, key):
         build(tiny_config(f"model.{key}={{coordinate_descent_tunning: true}}"))
 
 
-def test_cuda_graphs_are_refused_where_the_step_reuses_outputs_of_ended_graphs(tiny_config):
-    with pytest.raises(Exception, match="triton.cudagraphs works in mode ldm_only only, not e2e"):
-        build(tiny_config("model.compile_options={triton.cudagraphs: true}"))
+@pytest.mark.parametrize(
+    "asked",
+    [
+        "model.compile_options={triton.cudagraphs: true}",
+        "model.vae_compile_options={triton.cudagraphs: true}",
+        "env",
+    ],
+)
+def test_cuda_graphs_are_refused_where_the_step_reuses_outputs_of_ended_graphs(
+    tiny_config, monkeypatch, asked
+):
+    if asked == "env":
+        monkeypatch.setenv("TORCHINDUCTOR_CUDAGRAPHS", "1")
+    overrides = [] if asked == "env" else [asked]
+    with pytest.raises(Exception, match="work in mode ldm_only only, not e2e"):
+        build(tiny_config(*overrides))
 
 
 def test_with_cuda_graphs_the_ldm_step_keeps_the_encoder_features_past_the_next_graph(tiny_config, tmp_path):

@@ -22,6 +22,7 @@ from repae.study import (
     ARMS,
     StageTimes,
     fd_rows,
+    process_environment,
     record_variant,
     steps_to_reach,
     target_baselines,
@@ -113,6 +114,19 @@ def test_a_variant_reaches_every_arm_but_stage_0_and_a_study_keeps_its_variant(t
     (tmp_path / "study.json").write_text('["not", "a", "record"]')
     with pytest.raises(ValueError, match="unknown variant"):  # a foreign file is refused, not trusted
         record_variant(tmp_path, None)
+    (tmp_path / "study.json").write_text("[" * 100_000)
+    with pytest.raises(ValueError, match="study.json is not a study record"):
+        record_variant(tmp_path, None)
+
+    older = tmp_path / "older"  # a protocol study from before study.json existed
+    (older / "runs").mkdir(parents=True)
+    with pytest.raises(ValueError, match="variant none .*asks for unconditional"):
+        record_variant(older, "unconditional")
+
+
+def test_the_runs_of_a_study_under_slurm_checkpoint_on_its_signal_but_never_requeue_the_job(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    assert "SLURM_JOB_ID" not in process_environment(8)
 
 
 def test_steps_to_reach_interpolates_in_log_step():
@@ -197,6 +211,11 @@ def test_a_signal_to_the_study_checkpoints_its_runs_and_starts_no_other(tmp_path
 
 def test_stage_times_sum_over_resumed_calls_and_keep_a_stage_that_failed(tmp_path):
     path = tmp_path / "timing.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="timing.json is not a timing record"):
+        StageTimes(path, time.monotonic())
+    path.write_text('{"calls": Infinity, "arms": NaN, "reference": 1e400}')
+    assert StageTimes(path, time.monotonic()).times == {"calls": 1}  # only finite numbers are kept
     path.write_text('["not", "a", "timing"]')  # a foreign file is ignored, not trusted
     first = StageTimes(path, time.monotonic())
     with pytest.raises(RuntimeError), first.stage("arms", "the arms"):
