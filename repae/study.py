@@ -276,14 +276,17 @@ def extract(out: Path, run: Path, name: str) -> Path:
 
 
 # --- measuring ----------------------------------------------------------------------------------
+def fashion_mnist(split: str, max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Fashion-MNIST split (``FASHION_MNIST_ROOT``) as uint8 images [N, 3, 32, 32] and labels [N]."""
+    root = os.environ.get("FASHION_MNIST_ROOT", "/usr/share/datasets/fashion-mnist")
+    dataset = FashionMNIST(root=root, split=split, max_images=max_images)
+    samples = [dataset[i] for i in range(len(dataset))]
+    return torch.stack([s["image"] for s in samples]), torch.stack([s["label"] for s in samples])
+
+
 def test_images(smoke: bool) -> torch.Tensor:
     """The t10k test split as uint8 [N, 3, 32, 32] (the reference and the reconstruction set)."""
-    dataset = FashionMNIST(
-        root=os.environ.get("FASHION_MNIST_ROOT", "/usr/share/datasets/fashion-mnist"),
-        split="test",
-        max_images=SMOKE_TEST_IMAGES if smoke else None,
-    )
-    return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    return fashion_mnist("test", SMOKE_TEST_IMAGES if smoke else None)[0]
 
 
 @torch.no_grad()

@@ -14,23 +14,14 @@ patch 2 on 8x8 latents has a 4x4 token grid). ``FASHION_MNIST_ROOT`` names the d
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from repae.benchmarking import provenance, report
-from repae.datamodules.datasets import FashionMNIST
 from repae.modules.encoders import EfficientNetLite0Encoder
-from repae.study import target_baselines
-
-
-def images_and_labels(split: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    root = os.environ.get("FASHION_MNIST_ROOT", "/usr/share/datasets/fashion-mnist")
-    dataset = FashionMNIST(root=root, split=split, max_images=count)
-    items = [dataset[i] for i in range(len(dataset))]
-    return torch.stack([item["image"] for item in items]), torch.tensor([item["label"] for item in items])
+from repae.study import fashion_mnist, target_baselines
 
 
 @torch.no_grad()
@@ -47,8 +38,8 @@ def main() -> None:
     parser.add_argument("--setting", nargs="+", default=["10:64:4"], help="tap_block:input_resolution:grid")
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     args = parser.parse_args()
-    train_images, train_labels = images_and_labels("train", args.train_images)
-    test_images, test_labels = images_and_labels("test", args.test_images)
+    train_images, train_labels = fashion_mnist("train", args.train_images)
+    test_images, test_labels = fashion_mnist("test", args.test_images)
     results = {"provenance": provenance(), "train_images": len(train_images), "test_images": len(test_images)}
     for setting in args.setting:
         tap_block, resolution, grid = (int(part) for part in setting.split(":"))
