@@ -14,8 +14,12 @@ import time
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
+from repae.config import build_model
 from repae.convert.checkpoints import extract_vae
 from repae.module import REPAE, to_plain
 from repae.study import (
@@ -29,6 +33,7 @@ from repae.study import (
     train_command,
 )
 
+from conftest import CONF_DIR
 from test_training import a_batch, fit
 
 
@@ -98,6 +103,36 @@ def test_the_unconditional_variant_trains_a_sit_that_is_given_no_class(tiny_conf
     assert model.num_classes == 1 and model.sit.y_embedder.embedding_table.num_embeddings == 1
     fit(cfg, model)
     assert model.step == 2
+
+
+def arm_config(arm: str, *overrides: str):
+    """The composed training config of a study arm."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=[f"experiment=study/{arm}", *overrides])
+
+
+def leaves(node: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of every leaf of a nested dict."""
+    flat = {}
+    for key, value in node.items():
+        flat.update(
+            leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+        )
+    return flat
+
+
+def test_the_scale_variant_changes_only_the_sits_size_and_alignment_depth():
+    sit_s2 = {"model.sit.depth": 12, "model.sit.hidden_size": 384, "model.sit.num_heads": 6}
+    for arm in ARMS:
+        scaled_config = arm_config(arm, "+study_variant=scale")
+        protocol, scaled = (leaves(OmegaConf.to_container(c)) for c in (arm_config(arm), scaled_config))
+        changed = {key for key in protocol.keys() | scaled.keys() if protocol.get(key) != scaled.get(key)}
+        assert changed == {*sit_s2, "model.sit.encoder_depth"}, arm
+        assert {key: scaled[key] for key in sit_s2} == sit_s2
+        assert scaled["model.sit.encoder_depth"] == 4 and protocol["model.sit.encoder_depth"] == 2
+    sit = build_model(to_plain(scaled_config.model.sit), "model.sit", z_dims=[320])
+    assert len(sit.blocks) == 12 and sit.pos_embed.shape[-1] == 384 and sit.encoder_depth == 4
 
 
 def test_a_variant_reaches_every_arm_but_stage_0_and_a_study_keeps_its_variant(tmp_path):
