@@ -530,6 +530,26 @@ def target_baselines(
     }
 
 
+def alignment_scale_gradient(
+    sit: torch.nn.Module,
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    features: list[torch.Tensor],
+    time_input: torch.Tensor,
+    noises: torch.Tensor,
+) -> tuple[float, float]:
+    """(proj_loss, d proj_loss / d s at s = 1) of the SiT's align-only pass on the latents ``s * z``,
+    in eval mode as REPA-E's VAE pass runs it: whether the REPA loss that reaches the VAE pulls its
+    latents' scale up (negative) or down. The input BatchNorm divides by its running std, so a larger
+    scale is a cleaner input at every t; the SiT's own pass divides by the batch's std.
+    """  # fmt: skip
+    scale = torch.ones((), device=z.device, requires_grad=True)
+    sit.eval()
+    out = sit(scale * z, labels, features, align_only=True, time_input=time_input, noises=noises)
+    (gradient,) = torch.autograd.grad(out["proj_loss"], scale)
+    return out["proj_loss"].item(), gradient.item()
+
+
 # --- the study ----------------------------------------------------------------------------------
 def study(out: Path, parallel: int, smoke: bool, variant: str | None = None) -> None:
     started = time.monotonic()

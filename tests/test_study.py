@@ -22,9 +22,11 @@ from omegaconf import OmegaConf
 from repae.config import build_model
 from repae.convert.checkpoints import extract_vae
 from repae.module import REPAE, to_plain
+from repae.modules.sit import build_sit
 from repae.study import (
     ARMS,
     StageTimes,
+    alignment_scale_gradient,
     fd_rows,
     process_environment,
     record_variant,
@@ -205,6 +207,26 @@ def test_a_target_set_by_class_and_position_is_predicted_without_the_image():
 
     noise = torch.randn(12, 3, 8)  # a target the class and position say nothing about
     assert abs(target_baselines(train, labels, noise, labels[:12])["class_position"]) < 0.3
+
+
+def test_the_alignment_scale_gradient_is_the_derivative_of_the_vae_pass_loss_in_the_latents_scale():
+    torch.manual_seed(0)
+    sit = build_sit("SiT-S/2", depth=2, hidden_size=48, num_heads=2, encoder_depth=1, in_channels=4,
+                    input_size=8, num_classes=10, projector_dim=32, z_dims=[16])  # fmt: skip
+    sit.requires_grad_(False)
+    sit.train()
+    z, labels = 1.5 + 3 * torch.randn(6, 4, 8, 8), torch.arange(6)
+    args = (labels, [torch.randn(6, 16, 16)], torch.rand(6, 1, 1, 1), torch.randn(6, 4, 8, 8))
+    buffers = [buffer.clone() for buffer in sit.bn.buffers()]
+
+    loss, gradient = alignment_scale_gradient(sit, z, *args)
+    step = 1e-3
+    above, _ = alignment_scale_gradient(sit, (1 + step) * z, *args)
+    below, _ = alignment_scale_gradient(sit, (1 - step) * z, *args)
+    assert gradient == pytest.approx((above - below) / (2 * step), rel=0.02)
+    assert abs(gradient) > 1e-3
+    # eval mode, as the VAE's pass: the running statistics are read, not moved
+    assert all(torch.equal(a, b) for a, b in zip(buffers, sit.bn.buffers(), strict=True))
 
 
 STOPPABLE_STUDY = """
