@@ -13,7 +13,7 @@ latent stds of 5.8-9.4 from 1.2.
 
 For each end-to-end run's checkpoint (its raw SiT, VAE and alignment encoder), on ``--batches``
 batches of Fashion-MNIST training images, with t, the noise and the posterior samples fixed per batch
-(the same for every checkpoint), the means over batches of:
+(the same for every checkpoint), the means over batches of (``--start-vae``: the first two for the VAE the runs started from):
 
 - ``latent_std``: the std over the batch of the posterior means, averaged over channels (the study's
   VAE table's measure); ``posterior_std``: the posterior's own std, averaged;
@@ -38,11 +38,22 @@ from repae.config import build_model
 from repae.convert.checkpoints import load_checkpoint, training_components
 from repae.modules.encoders import build_encoders
 from repae.modules.sit import projector_dims
-from repae.modules.vae import images_to_vae_input
+from repae.modules.vae import images_to_vae_input, load_vae_weights
 from repae.study import alignment_scale_gradient, fashion_mnist
 
 
-def measure(path: Path, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> dict:
+def posterior_statistics(vae: torch.nn.Module, batch: torch.Tensor) -> tuple:
+    """The posterior of a batch of uint8 images, and its ``latent_std`` and ``posterior_std``."""
+    with torch.no_grad():
+        posterior = vae.encode(images_to_vae_input(batch))
+    return posterior, {
+        "latent_std": posterior.mean.std(dim=(0, 2, 3)).mean().item(),
+        "posterior_std": posterior.std.mean().item(),
+    }
+
+
+def load_run(path: Path) -> tuple[dict, dict]:
+    """An end-to-end run's checkpoint: (hyper_parameters, its SiT, VAE, ... state dicts)."""
     try:
         checkpoint = load_checkpoint(path)
         parts = training_components(checkpoint)
@@ -50,6 +61,11 @@ def measure(path: Path, images: torch.Tensor, labels: torch.Tensor, batch_size: 
         raise SystemExit(f"error: {error}") from None
     if "hyper_parameters" not in checkpoint or parts["sit"] is None or parts["vae"] is None:
         raise SystemExit(f"error: {path} is not a repae end-to-end run's checkpoint (its SiT and VAE)")
+    return checkpoint, parts
+
+
+def measure(path: Path, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> dict:
+    checkpoint, parts = load_run(path)
     hparams = checkpoint["hyper_parameters"]
     sit = build_model(hparams["sit"], "hyper_parameters.sit", z_dims=projector_dims(parts["sit"]))
     sit.load_state_dict(parts["sit"])
@@ -63,16 +79,15 @@ def measure(path: Path, images: torch.Tensor, labels: torch.Tensor, batch_size: 
     for index, start in enumerate(range(0, len(images), batch_size)):
         batch, batch_labels = images[start : start + batch_size], labels[start : start + batch_size]
         generator = torch.Generator().manual_seed(seed + index)
+        posterior, stds = posterior_statistics(vae, batch)
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         with torch.no_grad():
-            posterior = vae.encode(images_to_vae_input(batch))
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
             features = [encoder(batch, grid_size=grid) for encoder in encoders]
         time_input = torch.rand(len(batch), 1, 1, 1, generator=generator)
         noises = torch.randn(z.shape, generator=generator)
         proj_loss, gradient = alignment_scale_gradient(sit, z, batch_labels, features, time_input, noises)
         rows.append({
-            "latent_std": posterior.mean.std(dim=(0, 2, 3)).mean().item(),
-            "posterior_std": posterior.std.mean().item(),
+            **stds,
             # > 1: the latents are ahead of the running std the VAE's pass divides them by
             "scale_over_running": (z.std(dim=(0, 2, 3)) / sit.bn.running_var.sqrt()).mean().item(),
             "proj_loss": proj_loss,
@@ -92,11 +107,21 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--start-vae", type=Path, help="the VAE weights the runs started from (stage 0): its stds too"
+    )
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     images, labels = fashion_mnist("train", args.batches * args.batch_size)
     results = {"provenance": provenance(), "batches": args.batches, "batch_size": args.batch_size}
+    if args.start_vae:
+        vae = build_model(load_run(args.checkpoints[0])[0]["hyper_parameters"]["vae"], "hyper_parameters.vae")
+        load_vae_weights(vae, args.start_vae)
+        rows = [posterior_statistics(vae.eval(), images[i : i + args.batch_size])[1]
+                for i in range(0, len(images), args.batch_size)]  # fmt: skip
+        results[str(args.start_vae)] = {key: sum(row[key] for row in rows) / len(rows) for key in rows[0]}
+        print(args.start_vae, results[str(args.start_vae)], flush=True)
     for path in args.checkpoints:
         started = time.monotonic()
         results[str(path)] = {**measure(path, images, labels, args.batch_size, args.seed),
