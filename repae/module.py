@@ -388,6 +388,7 @@ class REPAE(pl.LightningModule):
         reg_loss, reg_logs = self.vae_loss(x, recon, posterior, gan_factor, mode="generator")
         # Frozen-SiT pass: eval mode (BN running stats, no label dropout), detached parameters.
         self.sit.eval()
+        scale_logs = self._latent_scale_logs(z)
         align = call_with_frozen_parameters(
             self.sit,
             z,
@@ -421,8 +422,21 @@ class REPAE(pl.LightningModule):
             "vae_align_loss": vae_align_loss,
             "d_loss": d_loss,
             **ablation_logs,
+            **scale_logs,
             **{key: value for key, value in reg_logs.items() if key != "total_loss"},
             **{key: value for key, value in d_logs.items() if key != "discriminator_loss"},
+        }
+
+    @torch.no_grad()
+    def _latent_scale_logs(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The latents' scale as the frozen-SiT pass sees it: ``latent_std``, the batch std of the
+        sampled latents averaged over channels, and ``latent_std_over_running``, per channel over
+        the BatchNorm's running std (what that pass divides by), averaged. The REPA loss that
+        reaches the VAE pulls the latents' scale up (docs/reproduction.md, "Investigation")."""
+        std = z.detach().float().std(dim=(0, 2, 3))
+        return {
+            "latent_std": std.mean(),
+            "latent_std_over_running": (std * self.sit.bn.running_var.rsqrt()).mean(),
         }
 
     def _vae_only_losses(

@@ -72,9 +72,16 @@ SMOKE_SAMPLING_OVERRIDES = [
     "callbacks.image_grid.num_images=10",
 ]
 SMOKE_TEST_IMAGES = 20
-DIAGNOSTIC_LOSSES = ("denoising_loss", "proj_loss")
+# results.csv column -> the metric each run logs, averaged since the previous evaluated step; the
+# latent scale only in the end-to-end arms (as the frozen-SiT pass sees it: repae.module).
+DIAGNOSTICS = {
+    "denoising_loss": "denoising_loss",
+    "proj_loss": "proj_loss",
+    "training_latent_std": "latent_std",
+    "training_latent_std_over_running": "latent_std_over_running",
+}
 RESULT_FIELDS = [
-    "kind", "arm", "seed", "step", "fd_effnet", "fd_effnet_raw", *DIAGNOSTIC_LOSSES, "vae", "rfd_effnet", "psnr",
+    "kind", "arm", "seed", "step", "fd_effnet", "fd_effnet_raw", *DIAGNOSTICS, "vae", "rfd_effnet", "psnr",
     "latent_mean", "latent_std", "latent_channel_means", "latent_channel_stds",
 ]  # fmt: skip
 
@@ -326,7 +333,7 @@ def measure_vae(vae_file: Path, images: torch.Tensor, reference, extractor, devi
 def fd_rows(out: Path, arm: str, seed: int) -> list[dict]:
     """One row per scheduled step (``callbacks.fid.steps`` of the run's config.yaml) that the run
     evaluated, from its CSV logger's metrics.csv: FD-EffNet (EMA), and as diagnostics the raw SiT's FD
-    and the mean denoising and REPA (``proj_loss``) losses logged since the previous scheduled step.
+    and the means of the ``DIAGNOSTICS`` logged since the previous scheduled step.
     Only scheduled steps are compared across arms; a run stopped by a signal before e28f2ec also
     logged an FD at the step it stopped at."""
     directory = run_dir(out, arm, seed)
@@ -344,9 +351,9 @@ def fd_rows(out: Path, arm: str, seed: int) -> list[dict]:
             row = {"kind": "fd", "arm": arm, "seed": seed, "step": step, "fd_effnet": fd[-1]}
             raw = values("fd_effnet_raw", step - 1, step)
             row["fd_effnet_raw"] = raw[-1] if raw else None
-            for loss in DIAGNOSTIC_LOSSES:
-                logged_losses = values(loss, previous, step)
-                row[loss] = float(np.mean(logged_losses)) if logged_losses else None
+            for column, metric in DIAGNOSTICS.items():
+                logged_values = values(metric, previous, step)
+                row[column] = float(np.mean(logged_values)) if logged_values else None
             rows.append(row)
         previous = step
     return rows
@@ -453,6 +460,10 @@ def write_summary(path: Path, rows: list[dict], vaes, verdict, timing, variant: 
         ("Denoising loss, mean since the previous evaluated step", "denoising_loss", 4),
         ("REPA loss of the SiT (`proj_loss`, minus the cosine similarity), mean since the previous evaluated step",
          "proj_loss", 4),
+        ("Latent std in training (sampled latents, end-to-end arms), mean since the previous evaluated step",
+         "training_latent_std", 4),
+        ("Latent std in training over the SiT BatchNorm's running std (what the VAE's REPA pass divides by)",
+         "training_latent_std_over_running", 4),
     ]  # fmt: skip
     for title, key, digits in diagnostics:
         if diagnostic := step_table(rows, key):
@@ -614,7 +625,7 @@ def read_results(path: Path) -> tuple[list[dict], dict[str, dict]]:
             if row["kind"] == "fd":
                 rows.append({"kind": "fd", "arm": row["arm"], "seed": int(row["seed"]), "step": int(row["step"]),
                              **{key: float(row[key]) if row.get(key) else None
-                                for key in ("fd_effnet", "fd_effnet_raw", *DIAGNOSTIC_LOSSES)}})  # fmt: skip
+                                for key in ("fd_effnet", "fd_effnet_raw", *DIAGNOSTICS)}})  # fmt: skip
             else:
                 vaes[row["vae"]] = {
                     key: row[key] if key.startswith("latent_channel") else float(row[key])

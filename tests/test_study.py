@@ -178,13 +178,14 @@ def test_study_rows_hold_the_scheduled_steps_only_with_their_diagnostics(tmp_pat
     run = tmp_path / "runs" / "repae_s0"
     (run / "csv").mkdir(parents=True)
     (run / "config.yaml").write_text("callbacks:\n  fid:\n    steps: [2, 4]\n")
-    logged = [  # step, fd_effnet, fd_effnet_raw, denoising_loss, proj_loss
-        (1, "", "", "0.5", "-0.1"), (2, "", "", "0.3", "-0.3"), (2, "90.0", "", "", ""), (2, "", "80.0", "", ""),
-        (3, "", "", "0.2", "-0.4"), (3, "70.0", "", "", ""),  # an FD at the step a signal stopped the run
-        (4, "", "", "0.1", "-0.6"), (4, "60.0", "", "", ""), (4, "", "50.0", "", ""),
+    logged = [  # step, fd_effnet, fd_effnet_raw, denoising_loss, proj_loss, latent_std
+        (1, "", "", "0.5", "-0.1", "1.0"), (2, "", "", "0.3", "-0.3", "2.0"), (2, "90.0", "", "", "", ""),
+        (2, "", "80.0", "", "", ""),
+        (3, "", "", "0.2", "-0.4", "3.0"), (3, "70.0", "", "", "", ""),  # an FD at the step a signal stopped the run
+        (4, "", "", "0.1", "-0.6", "4.0"), (4, "60.0", "", "", "", ""), (4, "", "50.0", "", "", ""),
     ]  # fmt: skip
     with open(run / "csv" / "metrics.csv", "w") as f:
-        f.write("step,fd_effnet,fd_effnet_raw,denoising_loss,proj_loss\n")
+        f.write("step,fd_effnet,fd_effnet_raw,denoising_loss,proj_loss,latent_std\n")
         f.writelines(",".join(map(str, row)) + "\n" for row in logged)
     rows = fd_rows(tmp_path, "repae", 0)
     assert [(row["step"], row["fd_effnet"], row["fd_effnet_raw"]) for row in rows] == [
@@ -193,6 +194,9 @@ def test_study_rows_hold_the_scheduled_steps_only_with_their_diagnostics(tmp_pat
     ]
     assert [row["denoising_loss"] for row in rows] == [pytest.approx(0.4), pytest.approx(0.15)]
     assert [row["proj_loss"] for row in rows] == [pytest.approx(-0.2), pytest.approx(-0.5)]
+    assert [row["training_latent_std"] for row in rows] == [pytest.approx(1.5), pytest.approx(3.5)]
+    # a metric the run did not log (an ldm_only arm's latent scale) is left empty
+    assert [row["training_latent_std_over_running"] for row in rows] == [None, None]
 
 
 def test_a_target_set_by_class_and_position_is_predicted_without_the_image():

@@ -104,6 +104,29 @@ def test_sit_and_vae_passes_share_time_and_noise_and_differ_in_bn_mode(tiny_conf
     assert (denoise["bn_training"], denoise["label_dropout"]) == (True, True)
 
 
+def test_an_end_to_end_step_logs_its_latents_scale_against_the_running_std_the_vae_pass_divides_by(
+    tiny_config, monkeypatch
+):
+    model = build(tiny_config())
+    model.sit.bn.running_var.fill_(0.25)
+    running_std_seen_by_the_vae_pass = model.sit.bn.running_var.sqrt().clone()
+    latents = []
+    original_forward = SiT.forward
+
+    def recording_forward(self, x, *args, **kwargs):
+        latents.append(x.detach().clone())
+        return original_forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(SiT, "forward", recording_forward)
+    logs = model._e2e_losses(*_inputs(model), backward_only(None))
+    std = latents[0].std(dim=(0, 2, 3))
+    torch.testing.assert_close(logs["latent_std"], std.mean())
+    torch.testing.assert_close(
+        logs["latent_std_over_running"], (std / running_std_seen_by_the_vae_pass).mean()
+    )
+    assert not torch.equal(model.sit.bn.running_var, torch.full_like(model.sit.bn.running_var, 0.25))
+
+
 def test_bn_running_stats_move_only_in_the_sit_pass(tiny_config, monkeypatch):
     model = build(tiny_config())
     images, labels = _inputs(model)
@@ -140,6 +163,8 @@ def test_training_logs_official_metric_names_and_stops_at_max_train_steps(tiny_c
         "logits_real",
         "logits_fake",
         "lecam_loss",
+        "latent_std",
+        "latent_std_over_running",
         "epoch",
     }
     assert expected <= logged
