@@ -429,14 +429,16 @@ class REPAE(pl.LightningModule):
 
     @torch.no_grad()
     def _latent_scale_logs(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The latents' scale as the frozen-SiT pass sees it: ``latent_std``, the batch std of the
-        sampled latents averaged over channels, and ``latent_std_over_running``, per channel over
-        the BatchNorm's running std (what that pass divides by), averaged. The REPA loss that
-        reaches the VAE pulls the latents' scale up (docs/reproduction.md, "Investigation")."""
+        """The latents' spread as the frozen-SiT pass sees it: ``latent_std``, the std of this rank's
+        sampled latents [N, C, h, w] per channel, averaged over channels, and
+        ``latent_std_over_running``, per channel over what that pass divides by (the BatchNorm's
+        running std, with its eps), averaged. The REPA loss that reaches the VAE pulls the spread up
+        (docs/reproduction.md, "Investigation")."""
         std = z.detach().float().std(dim=(0, 2, 3))
+        bn = self.sit.bn
         return {
             "latent_std": std.mean(),
-            "latent_std_over_running": (std * self.sit.bn.running_var.rsqrt()).mean(),
+            "latent_std_over_running": (std * (bn.running_var + bn.eps).rsqrt()).mean(),
         }
 
     def _vae_only_losses(

@@ -462,7 +462,7 @@ def write_summary(path: Path, rows: list[dict], vaes, verdict, timing, variant: 
          "proj_loss", 4),
         ("Latent std in training (sampled latents, end-to-end arms), mean since the previous evaluated step",
          "training_latent_std", 4),
-        ("Latent std in training over the SiT BatchNorm's running std (what the VAE's REPA pass divides by)",
+        ("Latent std in training over the running std the VAE's REPA pass divides by, mean since the previous evaluated step",
          "training_latent_std_over_running", 4),
     ]  # fmt: skip
     for title, key, digits in diagnostics:
@@ -541,24 +541,34 @@ def target_baselines(
     }
 
 
-def alignment_scale_gradient(
+def alignment_spread_gradient(
     sit: torch.nn.Module,
     z: torch.Tensor,
     labels: torch.Tensor,
     features: list[torch.Tensor],
     time_input: torch.Tensor,
     noises: torch.Tensor,
-) -> tuple[float, float]:
-    """(proj_loss, d proj_loss / d s at s = 1) of the SiT's align-only pass on the latents ``s * z``,
-    in eval mode as REPA-E's VAE pass runs it: whether the REPA loss that reaches the VAE pulls its
-    latents' scale up (negative) or down. The input BatchNorm divides by its running std, so a larger
-    scale is a cleaner input at every t; the SiT's own pass divides by the batch's std.
+) -> tuple[float, torch.Tensor]:
+    """(proj_loss, d proj_loss / d s [C]) of the SiT's align-only pass in eval mode, the pass through
+    which REPA-E's VAE gets its REPA loss, on the latents ``mu + s * (z - mu)``: each channel's spread
+    about the running mean ``mu`` that the eval-mode BatchNorm subtracts, at s = 1. A negative entry:
+    the REPA loss pulls that channel's spread up against the running std the pass divides by (the
+    SiT's own pass divides by the batch's std instead). The entries' sum is the derivative along one
+    common spread of all channels.
+
+    z, noises: [N, C, H, W]; labels [N]; features: one [N, T, z_dim] per projector; time_input
+    [N, 1, 1, 1]. The SiT keeps its mode and buffers.
     """  # fmt: skip
-    scale = torch.ones((), device=z.device, requires_grad=True)
+    was_training = sit.training
+    mean = sit.bn.running_mean.view(1, -1, 1, 1)
+    spread = torch.ones(z.shape[1], device=z.device, requires_grad=True)
     sit.eval()
-    out = sit(scale * z, labels, features, align_only=True, time_input=time_input, noises=noises)
-    (gradient,) = torch.autograd.grad(out["proj_loss"], scale)
-    return out["proj_loss"].item(), gradient.item()
+    with torch.enable_grad():
+        latents = mean + spread.view(1, -1, 1, 1) * (z - mean)
+        out = sit(latents, labels, features, align_only=True, time_input=time_input, noises=noises)
+        (gradient,) = torch.autograd.grad(out["proj_loss"], spread)
+    sit.train(was_training)
+    return out["proj_loss"].item(), gradient
 
 
 # --- the study ----------------------------------------------------------------------------------

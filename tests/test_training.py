@@ -109,7 +109,7 @@ def test_an_end_to_end_step_logs_its_latents_scale_against_the_running_std_the_v
 ):
     model = build(tiny_config())
     model.sit.bn.running_var.fill_(0.25)
-    running_std_seen_by_the_vae_pass = model.sit.bn.running_var.sqrt().clone()
+    running_std_seen_by_the_vae_pass = (model.sit.bn.running_var + model.sit.bn.eps).sqrt().clone()
     latents = []
     original_forward = SiT.forward
 
