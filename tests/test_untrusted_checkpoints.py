@@ -19,6 +19,7 @@ import torch
 from hydra.utils import instantiate
 
 from repae.config import build_model, to_plain
+from repae.convert.checkpoints import load_checkpoint, training_components
 from repae.convert.official import compose_train_config, official_overrides
 from repae.generate import load_sampling_model
 from repae.module import REPAE
@@ -232,3 +233,12 @@ def test_generate_refuses_injecting_official_args_from_the_checkpoint_or_args_js
     (tmp_path / "args.json").write_text('{"model": "SiT-S/2", "vae": "f4d4-tiny", "resolution": "32 seed=1"}')
     with pytest.raises(ValueError, match=r"args\.resolution='32 seed=1' is not an integer"):
         load_sampling_model(str(tmp_path / "no-args.pt"))
+
+
+def test_a_bare_state_dict_given_as_a_checkpoint_is_refused_in_a_short_message_naming_its_size(tmp_path):
+    torch.save({f"decoder.block.{i}.weight": torch.zeros(1) for i in range(500)}, tmp_path / "vae.pt")
+    for load in (load_sampling_model, lambda path: training_components(load_checkpoint(path))):
+        with pytest.raises(ValueError) as error:
+            load(str(tmp_path / "vae.pt"))
+        message = str(error.value)
+        assert "(500 keys)" in message and "decoder.block.0.weight" in message and len(message) < 600
