@@ -563,11 +563,13 @@ def alignment_spread_gradient(
     mean = sit.bn.running_mean.view(1, -1, 1, 1)
     spread = torch.ones(z.shape[1], device=z.device, requires_grad=True)
     sit.eval()
-    with torch.enable_grad():
-        latents = mean + spread.view(1, -1, 1, 1) * (z - mean)
-        out = sit(latents, labels, features, align_only=True, time_input=time_input, noises=noises)
-        (gradient,) = torch.autograd.grad(out["proj_loss"], spread)
-    sit.train(was_training)
+    try:
+        with torch.enable_grad():
+            latents = mean + spread.view(1, -1, 1, 1) * (z - mean)
+            out = sit(latents, labels, features, align_only=True, time_input=time_input, noises=noises)
+            (gradient,) = torch.autograd.grad(out["proj_loss"], spread)
+    finally:
+        sit.train(was_training)
     return out["proj_loss"].item(), gradient
 
 

@@ -77,9 +77,16 @@ def measure(path: Path, batches: list[tuple], seed: int, device: torch.device) -
         raise SystemExit(f"error: {path} is not a repae end-to-end run's checkpoint")
     hparams = checkpoint["hyper_parameters"]
     sit, vae = model.sit.to(device), model.vae.to(device)
-    encoders = build_encoders(**hparams["encoder"]).eval().to(device)
+    # Only the encoder's names, weight files (read weights-only) and resolution are taken from the
+    # checkpoint, which may come from someone else; build_encoders refuses unknown names.
+    encoder = {key: value for key, value in dict(hparams.get("encoder") or {}).items()
+               if key in ("names", "weights_paths", "resolution")}  # fmt: skip
+    try:
+        encoders = build_encoders(**encoder).eval().to(device)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"error: {path}: hyper_parameters.encoder: {error}") from None
     grid = sit.input_size // sit.patch_size
-    running_std = sit.bn.running_var.sqrt()
+    running_std = (sit.bn.running_var + sit.bn.eps).sqrt()  # what the eval-mode pass divides by
     rows, common = [], []
     for index, (images, labels) in enumerate(batches):
         images, labels = images.to(device), labels.to(device)
