@@ -54,11 +54,3 @@ def refusal(path: str | Path, error: pickle.UnpicklingError, what: str = "checkp
         f"{what} {path} holds more than tensors and plain values (a reference to {found.group(1)}, which is "
         "not on repae's allow-list): repae does not write such files and refuses to load it"
     )
-
-
-def key_summary(mapping: Any, shown: int = 8) -> str:
-    """The first ``shown`` keys of a loaded file's top-level dict and how many there are, for an error
-    message: a foreign file (a bare state dict) can have thousands."""
-    keys = sorted(map(str, mapping))
-    more = f", ... ({len(keys)} keys)" if len(keys) > shown else ""
-    return "[" + ", ".join(repr(key) for key in keys[:shown]) + more + "]"
