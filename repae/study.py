@@ -159,7 +159,9 @@ def record_variant(out: Path, variant: str | None) -> None:
 def read_variant(out: Path) -> str | None:
     path = out / "study.json"
     record = read_json_record(path, "study record")
-    recorded = record.get("variant") if isinstance(record, dict) else record
+    if not isinstance(record, dict):
+        raise ValueError(f'{path} is not a study record (expected {{"variant": ...}}); remove it')
+    recorded = record.get("variant")
     if recorded is not None and recorded not in VARIANTS:
         raise ValueError(f"{path}: unknown variant {recorded!r}; the variants are {', '.join(VARIANTS)}")
     return recorded
@@ -179,6 +181,9 @@ def train_command(
     return [
         sys.executable, "-m", "repae.train", f"experiment=study/{experiment}", f"seed={seed}",
         f"study_dir={out}", f"hydra.run.dir={directory}",
+        # Under SLURM each run would requeue the whole job on the SIGUSR1 the study passes on (once
+        # per run, possibly before the others have checkpointed): resubmitting is the job's business.
+        "callbacks.requeue.requeue=false",
         # stage 0 stays the protocol's: its VAE sees no labels, and every variant may share it
         *([f"+study_variant={variant}"] if variant and experiment != "vae_pretrain" else []),
         *(SMOKE_OVERRIDES if smoke else []),
@@ -192,10 +197,6 @@ def process_environment(parallel: int) -> dict[str, str]:
     Left to their defaults, ``parallel`` processes each start torch and BLAS pools as large as the
     machine, and every evaluation's matrix square root then competes with all of them."""
     environment = dict(os.environ)
-    # Under SLURM each run's RequeueOnSignal would requeue the whole job on the SIGUSR1 the study
-    # passes on (once per run, possibly before the others have checkpointed): the runs only
-    # checkpoint, and resubmitting the study is the job's business.
-    environment.pop("SLURM_JOB_ID", None)
     threads = str(max(1, (os.cpu_count() or 1) // parallel))
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         environment.setdefault(name, threads)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import torch
 from omegaconf import open_dict
 
+from repae.callbacks.requeue import RequeueOnSignal
 from repae.train import train
 
 from test_training import loss_trace
@@ -49,3 +51,20 @@ def test_signal_checkpoints_requeues_and_the_rerun_continues_identically(tiny_co
     assert sorted(resumed) == [1, 2, 3, 4]
     for step, value in expected.items():
         assert abs(resumed[step] - value) <= 1e-6 + 1e-5 * abs(value), step
+
+
+def test_with_requeue_off_the_signal_only_checkpoints_and_stops(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    marker = tmp_path / "requeued"
+    callback = RequeueOnSignal(requeue_command=["touch", str(marker)], requeue=False)
+    saved = []
+    trainer = SimpleNamespace(
+        strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
+        checkpoint_callback=SimpleNamespace(save=saved.append),
+        is_global_zero=True,
+        should_stop=False,
+    )
+    callback._request(signal.SIGUSR1, None)
+    callback.on_train_batch_end(trainer, SimpleNamespace(step=3))
+    assert saved == [trainer] and trainer.should_stop
+    assert not marker.exists(), "the job was requeued"

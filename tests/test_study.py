@@ -148,9 +148,13 @@ def test_a_variant_reaches_every_arm_but_stage_0_and_a_study_keeps_its_variant(t
     record_variant(tmp_path, None)  # resuming the same study
     with pytest.raises(ValueError, match="variant none .*asks for unconditional: give another --out"):
         record_variant(tmp_path, "unconditional")
-    (tmp_path / "study.json").write_text('["not", "a", "record"]')
+    (tmp_path / "study.json").write_text('{"variant": "os.system"}')
     with pytest.raises(ValueError, match="unknown variant"):  # a foreign file is refused, not trusted
         record_variant(tmp_path, None)
+    for foreign in ('["not", "a", "record"]', '"unconditional"'):
+        (tmp_path / "study.json").write_text(foreign)
+        with pytest.raises(ValueError, match="study.json is not a study record"):
+            record_variant(tmp_path, "unconditional")
     (tmp_path / "study.json").write_text("[" * 100_000)
     with pytest.raises(ValueError, match="study.json is not a study record"):
         record_variant(tmp_path, None)
@@ -161,9 +165,17 @@ def test_a_variant_reaches_every_arm_but_stage_0_and_a_study_keeps_its_variant(t
         record_variant(older, "unconditional")
 
 
-def test_the_runs_of_a_study_under_slurm_checkpoint_on_its_signal_but_never_requeue_the_job(monkeypatch):
-    monkeypatch.setenv("SLURM_JOB_ID", "123")
-    assert "SLURM_JOB_ID" not in process_environment(8)
+def test_the_runs_of_a_study_under_slurm_checkpoint_on_its_signal_but_never_requeue_the_job(tmp_path):
+    for experiment in ("vae_pretrain", "repae"):
+        command = train_command(tmp_path, experiment, 0, tmp_path / "run", False)
+        assert "callbacks.requeue.requeue=false" in command
+
+
+def test_each_run_of_a_study_gets_its_share_of_the_cpu_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert process_environment(8)["OMP_NUM_THREADS"] == "2"
+    assert process_environment(32)["OMP_NUM_THREADS"] == "1"
 
 
 def test_steps_to_reach_interpolates_in_log_step():

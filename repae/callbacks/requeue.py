@@ -26,16 +26,24 @@ class RequeueOnSignal(Callback):
 
     The ranks compare their flags after every ``every_n_steps``-th step only: under DDP/FSDP that
     is an all-reduce whose result the host must wait for, which would otherwise stall every step.
+
+    With ``requeue`` False the run only checkpoints and stops: for a driver that starts several runs
+    inside one SLURM job (``python -m repae.study``) and resubmits the job itself.
     """
 
     def __init__(
-        self, signal_name: str = "SIGUSR1", requeue_command: list[str] | None = None, every_n_steps: int = 1
+        self,
+        signal_name: str = "SIGUSR1",
+        requeue_command: list[str] | None = None,
+        every_n_steps: int = 1,
+        requeue: bool = True,
     ):
         if every_n_steps <= 0:
             raise ValueError(f"every_n_steps must be positive, got {every_n_steps}")
         self.signal_number = getattr(signal, signal_name)
         self.requeue_command = requeue_command or ["scontrol", "requeue", "{job_id}"]
         self.every_n_steps = every_n_steps
+        self.requeue = requeue
         self.requested = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -51,6 +59,6 @@ class RequeueOnSignal(Callback):
             return
         trainer.checkpoint_callback.save(trainer)
         job_id = os.environ.get("SLURM_JOB_ID")
-        if trainer.is_global_zero and job_id:
+        if self.requeue and trainer.is_global_zero and job_id:
             subprocess.run([part.format(job_id=job_id) for part in self.requeue_command], check=True)
         trainer.should_stop = True
