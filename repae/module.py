@@ -182,8 +182,13 @@ class REPAE(pl.LightningModule):
             **self.compile_options,
             **inductor_options("vae_compile_options", vae_compile_options),
         }
-        self.cuda_graphs = os.environ.get("TORCHINDUCTOR_CUDAGRAPHS") == "1" or any(
-            options.get("triton.cudagraphs") for options in (self.compile_options, self.vae_compile_options)
+        # Inductor's options (and its environment variable) act only on compiled models.
+        self.cuda_graphs = compile and (
+            os.environ.get("TORCHINDUCTOR_CUDAGRAPHS") == "1"
+            or any(
+                options.get("triton.cudagraphs")
+                for options in (self.compile_options, self.vae_compile_options)
+            )
         )
         if self.cuda_graphs and mode != "ldm_only":
             raise ValueError(
