@@ -67,7 +67,9 @@ def posterior_statistics(vae: torch.nn.Module, batch: torch.Tensor) -> tuple:
     }
 
 
-def measure(path: Path, batches: list[tuple], seed: int, device: torch.device) -> dict:
+def measure(
+    path: Path, batches: list[tuple], seed: int, device: torch.device, encoder_weights: str | None
+) -> dict:
     try:
         checkpoint = load_checkpoint(path)
         model = load_sampling_model(str(path), use_ema=False)
@@ -77,12 +79,12 @@ def measure(path: Path, batches: list[tuple], seed: int, device: torch.device) -
         raise SystemExit(f"error: {path} is not a repae end-to-end run's checkpoint")
     hparams = checkpoint["hyper_parameters"]
     sit, vae = model.sit.to(device), model.vae.to(device)
-    # Only the encoder's names, weight files (read weights-only) and resolution are taken from the
-    # checkpoint, which may come from someone else; build_encoders refuses unknown names.
+    # Only the encoder's names and resolution are taken from the checkpoint, which may come from
+    # someone else (build_encoders refuses unknown names); which files are read is ours to say.
     encoder = {key: value for key, value in dict(hparams.get("encoder") or {}).items()
-               if key in ("names", "weights_paths", "resolution")}  # fmt: skip
+               if key in ("names", "resolution")}  # fmt: skip
     try:
-        encoders = build_encoders(**encoder).eval().to(device)
+        encoders = build_encoders(**encoder, weights_paths=encoder_weights).eval().to(device)
     except (TypeError, ValueError) as error:
         raise SystemExit(f"error: {path}: hyper_parameters.encoder: {error}") from None
     grid = sit.input_size // sit.patch_size
@@ -120,6 +122,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoints", nargs="+", type=Path, help="end-to-end runs' .ckpt files")
     parser.add_argument("--start-vae", type=Path, help="the VAE weights the runs started from (stage 0)")
+    parser.add_argument(
+        "--encoder-weights",
+        help="the alignment encoders' weight files, comma-separated in the runs' order (default: none, "
+        "as the study's EfficientNet-Lite0, whose weights come with its package)",
+    )
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
@@ -132,7 +139,7 @@ def main() -> None:
                for i in range(0, len(images), args.batch_size)]  # fmt: skip
     results = {"provenance": provenance(), "batches": args.batches, "batch_size": args.batch_size}
     for path in args.checkpoints:
-        results[str(path)] = measure(path, batches, args.seed, device)
+        results[str(path)] = measure(path, batches, args.seed, device, args.encoder_weights)
         print(path, results[str(path)], flush=True)
     if args.start_vae:
         vae = load_sampling_model(str(args.checkpoints[0]), use_ema=False).vae

@@ -242,3 +242,21 @@ def test_a_bare_state_dict_given_as_a_checkpoint_is_refused_in_a_short_message_n
             load(str(tmp_path / "vae.pt"))
         message = str(error.value)
         assert "(500 in total)" in message and "decoder.block.0.weight" in message and len(message) < 600
+
+
+def test_the_latent_scale_study_reads_no_encoder_file_that_a_checkpoint_names(
+    tmp_path, clean_checkpoint, monkeypatch
+):
+    from scripts import study_latent_scale
+
+    elsewhere = tmp_path / "someone_elses.pt"
+    torch.save({"weight": torch.zeros(1)}, elsewhere)
+    path = poisoned(clean_checkpoint, tmp_path / "run.ckpt", {"effnet-lite0": str(elsewhere)},
+                    where=("encoder", "weights_paths"))  # fmt: skip
+    asked = []
+    build = study_latent_scale.build_encoders
+    monkeypatch.setattr(study_latent_scale, "build_encoders",
+                        lambda **kwargs: asked.append(kwargs["weights_paths"]) or build(**kwargs))  # fmt: skip
+    batch = (torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.arange(4))
+    measured = study_latent_scale.measure(path, [batch], 0, torch.device("cpu"), None)
+    assert asked == [None] and measured["sit_step"] == 0
