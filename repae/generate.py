@@ -61,7 +61,7 @@ from repae.evaluate import npz_images_shape, protocol_path_of
 from repae.known_noise import silence_known_noise
 from repae.modules.samplers import generate_images
 from repae.modules.sit import build_sit, projector_dims
-from repae.modules.state_dict import check_state_dict, describe, sub_state_dict
+from repae.modules.state_dict import check_state_dict, describe_keys, sub_state_dict
 from repae.modules.vae import build_vae, load_checked_state_dict
 from repae.protocol import build_protocol
 from repae.safe_load import load_weights_only
@@ -213,7 +213,7 @@ def load_sampling_model(
         return _from_official_checkpoint(checkpoint, ckpt_path, use_ema, vae_weights_path)
     raise ValueError(
         f"{ckpt_path!r} is neither a repae Lightning checkpoint (state_dict + hyper_parameters) nor an official "
-        f"REPA-E checkpoint (model/ema/vae/args); its keys are {describe(sorted(map(str, checkpoint)), limit=8)}."
+        f"REPA-E checkpoint (model/ema/vae/args); its keys are {describe_keys(checkpoint)}."
     )
 
 

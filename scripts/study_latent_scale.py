@@ -85,8 +85,11 @@ def measure(
                if key in ("names", "resolution")}  # fmt: skip
     try:
         encoders = build_encoders(**encoder, weights_paths=encoder_weights).eval().to(device)
-    except (TypeError, ValueError) as error:
-        raise SystemExit(f"error: {path}: hyper_parameters.encoder: {error}") from None
+    except (TypeError, ValueError, OSError) as error:
+        raise SystemExit(
+            f"error: the alignment encoders of {path} (names and resolution from its "
+            f"hyper_parameters.encoder, weight files from --encoder-weights): {error}"
+        ) from None
     grid = sit.input_size // sit.patch_size
     running_std = (sit.bn.running_var + sit.bn.eps).sqrt()  # what the eval-mode pass divides by
     rows, common = [], []

@@ -260,3 +260,13 @@ def test_the_latent_scale_study_reads_no_encoder_file_that_a_checkpoint_names(
     batch = (torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.arange(4))
     measured = study_latent_scale.measure(path, [batch], 0, torch.device("cpu"), None)
     assert asked == [None] and measured["sit_step"] == 0
+
+
+def test_a_files_keys_cannot_break_or_fake_the_one_line_error_that_names_them(tmp_path):
+    hostile = {"a\nerror: all good\x1b[2J": torch.zeros(1), "b" * 10_000: torch.zeros(1)}
+    torch.save(hostile, tmp_path / "hostile.pt")
+    with pytest.raises(ValueError) as error:
+        load_sampling_model(str(tmp_path / "hostile.pt"))
+    message = str(error.value)
+    assert "\n" not in message and "\x1b" not in message and len(message) < 600
+    assert repr("a\nerror: all good\x1b[2J") in message and "b" * 77 + "..." in message

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from repae.modules.sit import latents_stats_from_bn
-from repae.modules.state_dict import describe, sub_state_dict
+from repae.modules.state_dict import describe_keys, sub_state_dict
 from repae.safe_load import load_weights_only
 
 # The only non-tensor, non-container type an official checkpoint pickles (its "args").
@@ -65,7 +65,7 @@ def training_components(checkpoint: Mapping[str, Any]) -> dict[str, StateDict | 
         }
     raise ValueError(
         f"not a training checkpoint: expected a repae Lightning checkpoint ('state_dict') or an official one "
-        f"('model', 'ema', ...), found keys {describe(sorted(map(str, checkpoint)), limit=8)}"
+        f"('model', 'ema', ...), found keys {describe_keys(checkpoint)}"
     )
 
 

