@@ -123,7 +123,7 @@ def test_cuda_graphs_are_refused_where_the_step_reuses_outputs_of_ended_graphs(
     if asked == "env":
         monkeypatch.setenv("TORCHINDUCTOR_CUDAGRAPHS", "1")
     overrides = [] if asked == "env" else [asked]
-    build(tiny_config(*overrides))  # an eager run: inductor's options have nothing to act on
+    assert not build(tiny_config(*overrides)).cuda_graphs  # eager: inductor's options have nothing to act on
     with pytest.raises(Exception, match="work in mode ldm_only only, not e2e"):
         build(tiny_config("model.compile=true", *overrides))
 

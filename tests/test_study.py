@@ -19,6 +19,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from repae.callbacks.requeue import RequeueOnSignal
 from repae.config import build_model
 from repae.convert.checkpoints import extract_vae
 from repae.module import REPAE, to_plain
@@ -168,7 +169,9 @@ def test_a_variant_reaches_every_arm_but_stage_0_and_a_study_keeps_its_variant(t
 def test_the_runs_of_a_study_under_slurm_checkpoint_on_its_signal_but_never_requeue_the_job(tmp_path):
     for experiment in ("vae_pretrain", "repae"):
         command = train_command(tmp_path, experiment, 0, tmp_path / "run", False)
-        assert "callbacks.requeue.requeue=false" in command
+        overrides = [arg for arg in command[3:] if not arg.startswith(("experiment=", "hydra."))]
+        callback = instantiate(arm_config(experiment, *overrides).callbacks.requeue)
+        assert isinstance(callback, RequeueOnSignal) and callback.requeue is False
 
 
 def test_each_run_of_a_study_gets_its_share_of_the_cpu_threads(monkeypatch):

@@ -28,7 +28,7 @@ class RequeueOnSignal(Callback):
     is an all-reduce whose result the host must wait for, which would otherwise stall every step.
 
     With ``requeue`` False the run only checkpoints and stops: for a driver that starts several runs
-    inside one SLURM job (``python -m repae.study``) and resubmits the job itself.
+    inside one SLURM job (``python -m repae.study``), where whoever runs the job resubmits it.
     """
 
     def __init__(
