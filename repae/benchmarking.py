@@ -64,7 +64,8 @@ def cpu_model() -> str:
 
 def provenance() -> dict:
     """Where a result came from: the command as typed from the repository root, the commit (and
-    whether the working tree differed from it), the CPU model and the cores this process may use."""
+    whether the working tree differed from it, untracked files included), the CPU model and the
+    cores this process may use."""
     root = Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str | None:
@@ -76,7 +77,8 @@ def provenance() -> dict:
 
     script = Path(sys.argv[0]).resolve()
     shown = script.relative_to(root) if script.is_relative_to(root) else script
-    status = git("status", "--porcelain", "--untracked-files=no")
+    # Untracked files count: a new script that produced a result is not in the commit either.
+    status = git("status", "--porcelain")
     return {
         "command": shlex.join(["python", str(shown), *sys.argv[1:]]),
         "commit": git("rev-parse", "HEAD"),

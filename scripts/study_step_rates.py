@@ -7,7 +7,7 @@ Reads the lines ``ProgressLog`` writes every ``trainer.log_every_n_steps`` (``[t
 step N/T | ...``) from each run's log, e.g. the study's ``runs/<arm>_s<seed>.log``. The median over
 the intervals between consecutive lines leaves out the few that hold an FD evaluation, a checkpoint
 or a resume. ``--after``/``--before`` keep the lines of one stretch, e.g. one device call of a study
-that was stopped and resumed into the same logs (docs/reproduction.md, "How long it takes").
+that was stopped and resumed into the same logs (docs/reproduction.md, "MPS" under "The command").
 """
 
 from __future__ import annotations
@@ -52,10 +52,14 @@ def step_rate(points: list[tuple[datetime.datetime, int]]) -> dict | None:
 
 
 def parse_time(text: str) -> datetime.datetime:
+    """A local time as the logs write it, e.g. ``2026-12-07 14:52:30`` (no time zone: the logs have none)."""
     try:
-        return datetime.datetime.fromisoformat(text)
+        time = datetime.datetime.fromisoformat(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a time such as '2026-12-07 14:52:30': {text!r}") from None
+        time = None
+    if time is None or time.tzinfo is not None:
+        raise argparse.ArgumentTypeError(f"not a time such as '2026-12-07 14:52:30' (no time zone): {text!r}")
+    return time
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--before", type=parse_time, help="only progress lines written before this time")
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.after and args.before and args.after >= args.before:
+        parser.error("--after must be earlier than --before")
     runs = {}
     for path in args.logs:
         try:
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
             for time, step in progress_points(text)
             if (args.after is None or time > args.after) and (args.before is None or time < args.before)
         ]
-        runs[path.stem] = step_rate(points)
+        runs[str(path)] = step_rate(points)
     window = {"after": args.after and str(args.after), "before": args.before and str(args.before)}
     report({"provenance": provenance(), "window": window, "runs": runs}, args.output)
 

@@ -25,9 +25,9 @@ def test_the_rate_is_the_median_over_intervals_so_an_evaluation_pause_does_not_c
     log = tmp_path / "repae_s0.log"
     log.write_text("\n".join(lines) + "\n")
     study_step_rates.main([str(log), "--output", str(tmp_path / "rates.json")])
-    run = json.loads((tmp_path / "rates.json").read_text())["runs"]["repae_s0"]
+    run = json.loads((tmp_path / "rates.json").read_text())["runs"][str(log)]
     assert run == {"median_steps_per_s": 5.0, "intervals": 6, "first_step": 50, "last_step": 350}
-    assert json.loads(capsys.readouterr().out)["runs"] == {"repae_s0": run}
+    assert json.loads(capsys.readouterr().out)["runs"] == {str(log): run}
 
 
 def test_a_time_window_keeps_one_stretch_of_a_resumed_run(tmp_path):
@@ -37,16 +37,27 @@ def test_a_time_window_keeps_one_stretch_of_a_resumed_run(tmp_path):
     log.write_text("\n".join(slow + ["a resumed run's start-up lines"] + fast) + "\n")
     output = tmp_path / "rates.json"
     study_step_rates.main([str(log), "--after", "2026-12-07 14:02:00", "--output", str(output)])
-    assert json.loads(output.read_text())["runs"]["repa_s1"]["median_steps_per_s"] == 10.0
+    assert json.loads(output.read_text())["runs"][str(log)]["median_steps_per_s"] == 10.0
     study_step_rates.main([str(log), "--before", "2026-12-07 14:02:00", "--output", str(output)])
-    assert json.loads(output.read_text())["runs"]["repa_s1"]["median_steps_per_s"] == 2.5
+    assert json.loads(output.read_text())["runs"][str(log)]["median_steps_per_s"] == 2.5
 
 
 def test_a_log_without_progress_lines_has_no_rate_and_a_bad_time_is_refused(tmp_path, capsys):
     log = tmp_path / "vanilla_s0.log"
     log.write_text("Traceback (most recent call last):\n")
     study_step_rates.main([str(log), "--output", str(tmp_path / "rates.json")])
-    assert json.loads((tmp_path / "rates.json").read_text())["runs"] == {"vanilla_s0": None}
-    with pytest.raises(SystemExit):
-        study_step_rates.main([str(log), "--after", "yesterday"])
-    assert "not a time such as" in capsys.readouterr().err
+    assert json.loads((tmp_path / "rates.json").read_text())["runs"] == {str(log): None}
+    refused = {
+        ("--after", "yesterday"): "argument --after: not a time such as",
+        ("--after", "2026-12-07T14:52:30Z"): "argument --after: not a time such as",
+        (
+            "--after",
+            "2026-12-07 15:00",
+            "--before",
+            "2026-12-07 14:00",
+        ): "--after must be earlier than --before",
+    }
+    for window, message in refused.items():
+        with pytest.raises(SystemExit):
+            study_step_rates.main([str(log), *window])
+        assert message in capsys.readouterr().err
