@@ -443,7 +443,7 @@ def test_unrelated_state_dict_raises_a_value_error_listing_keys(tmp_path):
 
 def test_checkpoint_without_the_release_wrapper_key_says_what_it_found(tmp_path):
     torch.save({"weights": {"a": torch.zeros(1)}, "epoch": 3}, tmp_path / "mae.pth")
-    with pytest.raises(ValueError, match=r"no state dict under 'model'.*weights, epoch"):
+    with pytest.raises(ValueError, match=r"no state dict under 'model'.*epoch, weights"):
         build_encoder("mae-vit-l", str(tmp_path / "mae.pth"))
 
 
