@@ -439,7 +439,7 @@ class REPAE(pl.LightningModule):
         ``latent_std_over_running``, per channel over what that pass divides by (the BatchNorm's
         running std, with its eps), averaged. The REPA loss that reaches the VAE pulls the spread up
         (docs/reproduction.md, "Investigation")."""
-        std = z.detach().float().std(dim=(0, 2, 3))
+        std = z.float().std(dim=(0, 2, 3))
         bn = self.sit.bn
         return {
             "latent_std": std.mean(),

@@ -49,7 +49,8 @@ def channel_lists(rows: list[dict]) -> dict:
     """Per key: the mean over rows of a per-channel tensor, as a list, and its channel average."""
     out = {}
     for key in rows[0]:
-        mean = torch.stack([torch.as_tensor(row[key], dtype=torch.float64) for row in rows]).mean(0)
+        # on the CPU: some devices have no float64
+        mean = torch.stack([torch.as_tensor(row[key]).cpu().double() for row in rows]).mean(0)
         out[key] = mean.mean().item()
         if mean.ndim:
             out[f"{key}_per_channel"] = [round(v, 5) for v in mean.tolist()]
@@ -72,11 +73,11 @@ def measure(
 ) -> dict:
     try:
         checkpoint = load_checkpoint(path)
+        if "hyper_parameters" not in checkpoint:
+            raise SystemExit(f"error: {path} is not a repae end-to-end run's checkpoint")
         model = load_sampling_model(str(path), use_ema=False)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
-    if "hyper_parameters" not in checkpoint:
-        raise SystemExit(f"error: {path} is not a repae end-to-end run's checkpoint")
     hparams = checkpoint["hyper_parameters"]
     sit, vae = model.sit.to(device), model.vae.to(device)
     # Only the encoder's names and resolution are taken from the checkpoint, which may come from
@@ -109,13 +110,8 @@ def measure(
     return {
         "sit_step": int(checkpoint["state_dict"]["train_step"]),
         "vae_align_proj_coeff": hparams.get("vae_align_proj_coeff"),
-        **channel_lists(
-            [
-                {key: value.cpu() if torch.is_tensor(value) else value for key, value in row.items()}
-                for row in rows
-            ]
-        ),  # fmt: skip
-        **channel_lists([{"running_std": running_std.cpu()}]),
+        **channel_lists(rows),
+        **channel_lists([{"running_std": running_std}]),
         "dloss_dspread_common": sum(common) / len(common),
         "dloss_dspread_common_per_batch": [round(v, 6) for v in common],
     }
@@ -149,7 +145,7 @@ def main() -> None:
         load_vae_weights(vae, args.start_vae)
         vae.to(device)
         rows = [posterior_statistics(vae, batch.to(device))[1] for batch, _ in batches]
-        results[str(args.start_vae)] = channel_lists([{k: v.cpu() for k, v in row.items()} for row in rows])
+        results[str(args.start_vae)] = channel_lists(rows)
         print(args.start_vae, results[str(args.start_vae)], flush=True)
     report(results, args.output)
 
