@@ -89,8 +89,9 @@ def provenance() -> dict:
 
 
 def report(results: dict, output: Path | None) -> None:
-    """Print the results as JSON and, with an ``output`` path, write them there too."""
-    text = json.dumps(results, indent=2)
+    """Print the results as JSON, with their ``provenance`` first, and, with an ``output`` path,
+    write them there too."""
+    text = json.dumps({"provenance": provenance(), **results}, indent=2)
     print(text)
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from repae.benchmarking import matmul_tflops, provenance, report
+from repae.benchmarking import matmul_tflops, report
 from repae.config import to_plain
 from repae.datamodules.datamodule import ImageDataModule
 from repae.kernels import use_fast_kernels
@@ -375,7 +375,6 @@ def main() -> None:
     step_time = statistics.mean(timed)
     images_per_second = args.batch_size * args.devices / step_time
     results = {
-        **provenance(),
         "torch": torch.__version__,
         "overrides": args.overrides,
         "device": torch.cuda.get_device_name(),

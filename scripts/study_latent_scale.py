@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from repae.benchmarking import provenance, report
+from repae.benchmarking import report
 from repae.convert.checkpoints import load_checkpoint
 from repae.generate import load_sampling_model
 from repae.modules.encoders import build_encoders
@@ -136,7 +136,7 @@ def main() -> None:
     images, labels = fashion_mnist("train", args.batches * args.batch_size)
     batches = [(images[i : i + args.batch_size], labels[i : i + args.batch_size])
                for i in range(0, len(images), args.batch_size)]  # fmt: skip
-    results = {"provenance": provenance(), "batches": args.batches, "batch_size": args.batch_size}
+    results = {"batches": args.batches, "batch_size": args.batch_size}
     for path in args.checkpoints:
         results[str(path)] = measure(path, batches, args.seed, device, args.encoder_weights)
         print(path, results[str(path)], flush=True)

@@ -18,7 +18,7 @@ import re
 import statistics
 from pathlib import Path
 
-from repae.benchmarking import provenance, report
+from repae.benchmarking import report
 
 PROGRESS = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[[^\]]*\]\[INFO\] - step (\d+)/(\d+) \|")
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S,%f"
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
         runs[str(path)] = step_rate(points)
     window = {"after": args.after and str(args.after), "before": args.before and str(args.before)}
-    report({"provenance": provenance(), "window": window, "runs": runs}, args.output)
+    report({"window": window, "runs": runs}, args.output)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from repae.benchmarking import provenance, report
+from repae.benchmarking import report
 from repae.modules.encoders import EfficientNetLite0Encoder
 from repae.study import fashion_mnist, target_baselines
 
@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     train_images, train_labels = fashion_mnist("train", args.train_images)
     test_images, test_labels = fashion_mnist("test", args.test_images)
-    results = {"provenance": provenance(), "train_images": len(train_images), "test_images": len(test_images)}
+    results = {"train_images": len(train_images), "test_images": len(test_images)}
     for setting in args.setting:
         tap_block, resolution, grid = (int(part) for part in setting.split(":"))
         started = time.monotonic()

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from repae.benchmarking import matmul_tflops, provenance, report, time_ms
+from repae.benchmarking import matmul_tflops, report, time_ms
 
 SHAPES = {"sit_xl_256_tokens": (16, 256, 72), "dinov2_b_224px": (12, 257, 64)}
 BACKENDS = {
@@ -72,7 +72,6 @@ def main() -> None:
         "torch": torch.__version__,
         "matmul_tflops": matmul_tflops(),
         "batch_size": args.batch_size,
-        **provenance(),
         "shapes": {},
     }
     for shape_name, (heads, tokens, head_dim) in SHAPES.items():

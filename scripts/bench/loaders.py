@@ -47,7 +47,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import default_collate
 
-from repae.benchmarking import provenance, report
+from repae.benchmarking import report
 from repae.cache_latents import cache_latents
 from repae.datamodules.datasets import h5_image_key, h5_latent_key
 from repae.known_noise import silence_known_noise
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
     count = (args.warmup + args.batches) * args.batch_size
     options = {key: value for key, value in vars(args).items() if key != "output"}
     options["data_dir"] = None if args.data_dir is None else str(args.data_dir)
-    results = {**provenance(), "torch": torch.__version__, "options": options}
+    results = {"torch": torch.__version__, "options": options}
     with tempfile.TemporaryDirectory() as temporary:
         data_dir = args.data_dir or Path(temporary)
         if (data_dir / f"{LATENTS_NAME}_h5.json").is_file():
