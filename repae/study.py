@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
@@ -515,63 +514,6 @@ def side_by_side(path: Path, grids: dict[str, Path]) -> None:
         canvas.paste(image, (x, 16))
         x += image.width + 8
     canvas.save(path)
-
-
-def target_baselines(
-    train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor
-) -> dict[str, float]:
-    """How much of a REPA target needs no image: the mean cosine similarity on ``test`` of the best
-    predictions that know nothing, the token's position, or the position and the class label.
-
-    ``train``/``test``: encoder tokens ``[N, T, D]``; labels ``[N]``. Each prediction is the mean
-    direction of the training tokens that share what it knows (the cosine-optimal constant). The
-    SiT's REPA loss is minus this similarity, so a SiT, which is given the label, learns from the
-    alignment only what its ``proj_loss`` gains beyond ``-class_position``.
-    """
-    train, test = F.normalize(train.float(), dim=-1), F.normalize(test.float(), dim=-1)
-
-    def similarity(prediction: torch.Tensor) -> float:
-        return (F.normalize(prediction, dim=-1) * test).sum(-1).mean().item()
-
-    by_class = torch.zeros(int(max(train_labels.max(), test_labels.max())) + 1, *train.shape[1:])
-    by_class.index_add_(0, train_labels, train)
-    return {
-        "constant": similarity(train.mean((0, 1)).expand_as(test)),
-        "position": similarity(train.mean(0).expand_as(test)),
-        "class_position": similarity(by_class[test_labels]),
-    }
-
-
-def alignment_spread_gradient(
-    sit: torch.nn.Module,
-    z: torch.Tensor,
-    labels: torch.Tensor,
-    features: list[torch.Tensor],
-    time_input: torch.Tensor,
-    noises: torch.Tensor,
-) -> tuple[float, torch.Tensor]:
-    """(proj_loss, d proj_loss / d s [C]) of the SiT's align-only pass in eval mode, the pass through
-    which REPA-E's VAE gets its REPA loss, on the latents ``mu + s * (z - mu)``: each channel's spread
-    about the running mean ``mu`` that the eval-mode BatchNorm subtracts, at s = 1. A negative entry:
-    the REPA loss pulls that channel's spread up against the running std the pass divides by (the
-    SiT's own pass divides by the batch's std instead). The entries' sum is the derivative along one
-    common spread of all channels.
-
-    z, noises: [N, C, H, W]; labels [N]; features: one [N, T, z_dim] per projector; time_input
-    [N, 1, 1, 1]. The SiT keeps its mode and buffers.
-    """  # fmt: skip
-    was_training = sit.training
-    mean = sit.bn.running_mean.view(1, -1, 1, 1)
-    spread = torch.ones(z.shape[1], device=z.device, requires_grad=True)
-    sit.eval()
-    try:
-        with torch.enable_grad():
-            latents = mean + spread.view(1, -1, 1, 1) * (z - mean)
-            out = sit(latents, labels, features, align_only=True, time_input=time_input, noises=noises)
-            (gradient,) = torch.autograd.grad(out["proj_loss"], spread)
-    finally:
-        sit.train(was_training)
-    return out["proj_loss"].item(), gradient
 
 
 # --- the study ----------------------------------------------------------------------------------

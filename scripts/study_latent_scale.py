@@ -21,7 +21,7 @@ over channels (``--start-vae``: the first two for the VAE the runs started from)
 - ``running_std``: the SiT BatchNorm's running std; ``std_over_running``: the sampled latents' std
   over it: above 1, the frozen pass sees a wider spread than the SiT's own pass;
 - ``proj_loss`` of that pass, and ``dloss_dspread``: its derivative in each channel's spread about
-  the running mean (``repae.study.alignment_spread_gradient``): negative, the REPA loss pulls that
+  the running mean (``alignment_spread_gradient``): negative, the REPA loss pulls that
   spread up; ``dloss_dspread_common``, their sum: along one common spread of all channels, also per
   batch.
 
@@ -42,7 +42,39 @@ from repae.convert.checkpoints import load_checkpoint
 from repae.generate import load_sampling_model
 from repae.modules.encoders import build_encoders
 from repae.modules.vae import images_to_vae_input, load_vae_weights
-from repae.study import alignment_spread_gradient, fashion_mnist
+from repae.study import fashion_mnist
+
+
+def alignment_spread_gradient(
+    sit: torch.nn.Module,
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    features: list[torch.Tensor],
+    time_input: torch.Tensor,
+    noises: torch.Tensor,
+) -> tuple[float, torch.Tensor]:
+    """(proj_loss, d proj_loss / d s [C]) of the SiT's align-only pass in eval mode, the pass through
+    which REPA-E's VAE gets its REPA loss, on the latents ``mu + s * (z - mu)``: each channel's spread
+    about the running mean ``mu`` that the eval-mode BatchNorm subtracts, at s = 1. A negative entry:
+    the REPA loss pulls that channel's spread up against the running std the pass divides by (the
+    SiT's own pass divides by the batch's std instead). The entries' sum is the derivative along one
+    common spread of all channels.
+
+    z, noises: [N, C, H, W]; labels [N]; features: one [N, T, z_dim] per projector; time_input
+    [N, 1, 1, 1]. The SiT keeps its mode and buffers.
+    """  # fmt: skip
+    was_training = sit.training
+    mean = sit.bn.running_mean.view(1, -1, 1, 1)
+    spread = torch.ones(z.shape[1], device=z.device, requires_grad=True)
+    sit.eval()
+    try:
+        with torch.enable_grad():
+            latents = mean + spread.view(1, -1, 1, 1) * (z - mean)
+            out = sit(latents, labels, features, align_only=True, time_input=time_input, noises=noises)
+            (gradient,) = torch.autograd.grad(out["proj_loss"], spread)
+    finally:
+        sit.train(was_training)
+    return out["proj_loss"].item(), gradient
 
 
 def channel_lists(rows: list[dict]) -> dict:
