@@ -102,15 +102,21 @@ def posterior_statistics(vae: torch.nn.Module, batch: torch.Tensor) -> tuple:
 
 def measure(
     path: Path, batches: list[tuple], seed: int, device: torch.device, encoder_weights: str | None
-) -> dict:
+) -> tuple[dict, torch.nn.Module]:
+    """The measurements of one run's checkpoint, and its VAE (on ``device``)."""
     try:
         checkpoint = load_checkpoint(path)
         if "hyper_parameters" not in checkpoint:
             raise SystemExit(f"error: {path} is not a repae end-to-end run's checkpoint")
+        hparams = checkpoint["hyper_parameters"]
+        coeff = hparams.get("vae_align_proj_coeff")
+        if isinstance(coeff, bool) or not isinstance(coeff, int | float):
+            raise SystemExit(
+                f"error: {path}: hyper_parameters.vae_align_proj_coeff is {coeff!r}, not a number"
+            )
         model = load_sampling_model(str(path), use_ema=False)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
-    hparams = checkpoint["hyper_parameters"]
     sit, vae = model.sit.to(device), model.vae.to(device)
     # Only the encoder's names and resolution are taken from the checkpoint, which may come from
     # someone else (build_encoders refuses unknown names); which files are read is ours to say.
@@ -141,12 +147,12 @@ def measure(
         common.append(gradient.sum().item())
     return {
         "sit_step": int(checkpoint["state_dict"]["train_step"]),
-        "vae_align_proj_coeff": hparams.get("vae_align_proj_coeff"),
+        "vae_align_proj_coeff": float(coeff),
         **channel_lists(rows),
         **channel_lists([{"running_std": running_std}]),
         "dloss_dspread_common": sum(common) / len(common),
         "dloss_dspread_common_per_batch": [round(v, 6) for v in common],
-    }
+    }, vae
 
 
 def main() -> None:
@@ -170,12 +176,13 @@ def main() -> None:
                for i in range(0, len(images), args.batch_size)]  # fmt: skip
     results = {"batches": args.batches, "batch_size": args.batch_size}
     for path in args.checkpoints:
-        results[str(path)] = measure(path, batches, args.seed, device, args.encoder_weights)
+        results[str(path)], vae = measure(path, batches, args.seed, device, args.encoder_weights)
         print(path, results[str(path)], flush=True)
-    if args.start_vae:
-        vae = load_sampling_model(str(args.checkpoints[0]), use_ema=False).vae
-        load_vae_weights(vae, args.start_vae)
-        vae.to(device)
+    if args.start_vae:  # into the last run's VAE: the runs share their VAE's architecture
+        try:
+            load_vae_weights(vae, args.start_vae)
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"error: --start-vae: {error}") from None
         rows = [posterior_statistics(vae, batch.to(device))[1] for batch, _ in batches]
         results[str(args.start_vae)] = channel_lists(rows)
         print(args.start_vae, results[str(args.start_vae)], flush=True)

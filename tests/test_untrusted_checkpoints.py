@@ -258,8 +258,13 @@ def test_the_latent_scale_study_reads_no_encoder_file_that_a_checkpoint_names(
     monkeypatch.setattr(study_latent_scale, "build_encoders",
                         lambda **kwargs: asked.append(kwargs["weights_paths"]) or build(**kwargs))  # fmt: skip
     batch = (torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.arange(4))
-    measured = study_latent_scale.measure(path, [batch], 0, torch.device("cpu"), None)
-    assert asked == [None] and measured["sit_step"] == 0
+    measured, vae = study_latent_scale.measure(path, [batch], 0, torch.device("cpu"), None)
+    assert asked == [None] and measured["sit_step"] == 0 and vae.training is False
+
+    for coeff in ("0.5; import os", None, True):  # recorded as a number, or the file is refused
+        odd = poisoned(clean_checkpoint, tmp_path / "odd.ckpt", coeff, where=("vae_align_proj_coeff",))
+        with pytest.raises(SystemExit, match="error: .*vae_align_proj_coeff is .*not a number"):
+            study_latent_scale.measure(odd, [batch], 0, torch.device("cpu"), None)
 
 
 def test_a_files_keys_cannot_break_or_fake_the_one_line_error_that_names_them(tmp_path):
