@@ -111,8 +111,9 @@ def measure(
         hparams = checkpoint["hyper_parameters"]
         coeff = hparams.get("vae_align_proj_coeff")
         if isinstance(coeff, bool) or not isinstance(coeff, int | float):
+            kind = type(coeff).__name__  # not the value: the file may be someone else's
             raise SystemExit(
-                f"error: {path}: hyper_parameters.vae_align_proj_coeff is {coeff!r}, not a number"
+                f"error: {path}: hyper_parameters.vae_align_proj_coeff is a {kind}, not a number"
             )
         model = load_sampling_model(str(path), use_ema=False)
     except (FileNotFoundError, ValueError) as error:

@@ -263,7 +263,9 @@ def test_the_latent_scale_study_reads_no_encoder_file_that_a_checkpoint_names(
 
     for coeff in ("0.5; import os", None, True):  # recorded as a number, or the file is refused
         odd = poisoned(clean_checkpoint, tmp_path / "odd.ckpt", coeff, where=("vae_align_proj_coeff",))
-        with pytest.raises(SystemExit, match="error: .*vae_align_proj_coeff is .*not a number"):
+        with pytest.raises(
+            SystemExit, match="error: .*vae_align_proj_coeff is a (str|NoneType|bool), not a number"
+        ):
             study_latent_scale.measure(odd, [batch], 0, torch.device("cpu"), None)
 
 
