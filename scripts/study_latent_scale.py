@@ -33,6 +33,7 @@ the study's VAE table.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ from repae.benchmarking import report
 from repae.convert.checkpoints import load_checkpoint
 from repae.generate import load_sampling_model
 from repae.modules.encoders import build_encoders
-from repae.modules.vae import images_to_vae_input, load_vae_weights
+from repae.modules.vae import images_to_vae_input, load_checked_state_dict
 from repae.study import fashion_mnist
 
 
@@ -106,15 +107,13 @@ def measure(
     """The measurements of one run's checkpoint, and its VAE (on ``device``)."""
     try:
         checkpoint = load_checkpoint(path)
-        if "hyper_parameters" not in checkpoint:
+        hparams = checkpoint.get("hyper_parameters")
+        if not isinstance(hparams, Mapping):
             raise SystemExit(f"error: {path} is not a repae end-to-end run's checkpoint")
-        hparams = checkpoint["hyper_parameters"]
         coeff = hparams.get("vae_align_proj_coeff")
         if isinstance(coeff, bool) or not isinstance(coeff, int | float):
-            kind = type(coeff).__name__  # not the value: the file may be someone else's
-            raise SystemExit(
-                f"error: {path}: hyper_parameters.vae_align_proj_coeff is a {kind}, not a number"
-            )
+            found = "missing" if coeff is None else f"a {type(coeff).__name__}"  # not the value: not ours
+            raise SystemExit(f"error: {path}: hyper_parameters.vae_align_proj_coeff is {found}, not a number")
         model = load_sampling_model(str(path), use_ema=False)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
@@ -171,6 +170,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     args = parser.parse_args()
+    if args.start_vae and not args.start_vae.is_file():  # before the measurements, which take minutes
+        raise SystemExit(f"error: --start-vae: no file {args.start_vae}")
     device = torch.device(args.device)
     images, labels = fashion_mnist("train", args.batches * args.batch_size)
     batches = [(images[i : i + args.batch_size], labels[i : i + args.batch_size])
@@ -181,9 +182,9 @@ def main() -> None:
         print(path, results[str(path)], flush=True)
     if args.start_vae:  # into the last run's VAE: the runs share their VAE's architecture
         try:
-            load_vae_weights(vae, args.start_vae)
+            load_checked_state_dict(vae, args.start_vae, "--start-vae", wrapper_keys=("vae", "state_dict"))
         except (FileNotFoundError, ValueError) as error:
-            raise SystemExit(f"error: --start-vae: {error}") from None
+            raise SystemExit(f"error: {error}") from None
         rows = [posterior_statistics(vae, batch.to(device))[1] for batch, _ in batches]
         results[str(args.start_vae)] = channel_lists(rows)
         print(args.start_vae, results[str(args.start_vae)], flush=True)

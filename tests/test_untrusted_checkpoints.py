@@ -264,9 +264,12 @@ def test_the_latent_scale_study_reads_no_encoder_file_that_a_checkpoint_names(
     for coeff in ("0.5; import os", None, True):  # recorded as a number, or the file is refused
         odd = poisoned(clean_checkpoint, tmp_path / "odd.ckpt", coeff, where=("vae_align_proj_coeff",))
         with pytest.raises(
-            SystemExit, match="error: .*vae_align_proj_coeff is a (str|NoneType|bool), not a number"
+            SystemExit, match="error: .*vae_align_proj_coeff is (a str|missing|a bool), not a number"
         ):
             study_latent_scale.measure(odd, [batch], 0, torch.device("cpu"), None)
+    torch.save({**clean_checkpoint, "hyper_parameters": ["not", "a", "config"]}, tmp_path / "odd.ckpt")
+    with pytest.raises(SystemExit, match="error: .* is not a repae end-to-end run's checkpoint"):
+        study_latent_scale.measure(tmp_path / "odd.ckpt", [batch], 0, torch.device("cpu"), None)
 
 
 def test_a_files_keys_cannot_break_or_fake_the_one_line_error_that_names_them(tmp_path):
