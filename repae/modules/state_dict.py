@@ -7,6 +7,13 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+MAX_ITEM = 80
+
+
+def _plain(item: str) -> str:
+    text = item if item.isprintable() else repr(item)
+    return text if len(text) <= MAX_ITEM else text[: MAX_ITEM - 3] + "..."
+
 
 def describe(items: list[str], limit: int = 5) -> str:
     """The first ``limit`` items, comma-separated, with the total when there are more. Items come
@@ -15,14 +22,6 @@ def describe(items: list[str], limit: int = 5) -> str:
     error stays one readable line."""
     shown = ", ".join(map(_plain, items[:limit]))
     return f"{shown}, ... ({len(items)} in total)" if len(items) > limit else shown
-
-
-MAX_ITEM = 80
-
-
-def _plain(item: str) -> str:
-    text = item if item.isprintable() else repr(item)
-    return text if len(text) <= MAX_ITEM else text[: MAX_ITEM - 3] + "..."
 
 
 def describe_keys(mapping: Mapping, limit: int = 8) -> str:
