@@ -330,13 +330,12 @@ def measure_vae(vae_file: Path, images: torch.Tensor, reference, extractor, devi
     }
 
 
-def fd_rows(out: Path, arm: str, seed: int) -> list[dict]:
-    """One row per scheduled step (``callbacks.fid.steps`` of the run's config.yaml) that the run
-    evaluated, from its CSV logger's metrics.csv: FD-EffNet (EMA), and as diagnostics the raw SiT's FD
-    and the means of the ``DIAGNOSTICS`` logged since the previous scheduled step.
-    Only scheduled steps are compared across arms; a run stopped by a signal before e28f2ec also
-    logged an FD at the step it stopped at."""
-    directory = run_dir(out, arm, seed)
+def fd_rows(directory: Path, arm: str, seed: int) -> list[dict]:
+    """One row per scheduled step (``callbacks.fid.steps`` of the run's config.yaml) that the run in
+    ``directory`` evaluated, from its CSV logger's metrics.csv: FD-EffNet (EMA), and as diagnostics the
+    raw SiT's FD and the means of the ``DIAGNOSTICS`` logged since the previous scheduled step; ``arm``
+    and ``seed`` label the rows. Only scheduled steps are compared across arms; a run stopped by a
+    signal before e28f2ec also logged an FD at the step it stopped at."""
     scheduled = sorted(OmegaConf.load(directory / "config.yaml").callbacks.fid.steps)
     with open(directory / "csv" / "metrics.csv") as f:
         logged = list(csv.DictReader(f))
@@ -559,7 +558,7 @@ def study(out: Path, parallel: int, smoke: bool, variant: str | None = None) -> 
         vae_names = ["stage0", *(f"{arm}_s{s}" for arm in TUNED_VAES for s in seeds)]
         vaes = {name: measure_vae(out / "vae" / name / f"{name}.pt", images, reference, extractor, device)
                 for name in vae_names}  # fmt: skip
-        rows = [row for arm in ARMS for s in seeds for row in fd_rows(out, arm, s)]
+        rows = [row for arm in ARMS for s in seeds for row in fd_rows(run_dir(out, arm, s), arm, s)]
         rows += [{"kind": "vae", "vae": name, **values} for name, values in vaes.items()]
         with open(out / "results.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS)

@@ -32,6 +32,7 @@ from repae.study import (
     steps_to_reach,
     train_command,
 )
+from scripts import study_ema_batchnorm
 
 from conftest import CONF_DIR
 from test_training import a_batch, fit
@@ -199,7 +200,7 @@ def test_study_rows_hold_the_scheduled_steps_only_with_their_diagnostics(tmp_pat
     with open(run / "csv" / "metrics.csv", "w") as f:
         f.write("step,fd_effnet,fd_effnet_raw,denoising_loss,proj_loss,latent_std\n")
         f.writelines(",".join(map(str, row)) + "\n" for row in logged)
-    rows = fd_rows(tmp_path, "repae", 0)
+    rows = fd_rows(run, "repae", 0)
     assert [(row["step"], row["fd_effnet"], row["fd_effnet_raw"]) for row in rows] == [
         (2, 90.0, 80.0),
         (4, 60.0, 50.0),
@@ -273,12 +274,21 @@ def test_stage_times_sum_over_resumed_calls_and_keep_a_stage_that_failed(tmp_pat
     assert resumed["total"] == pytest.approx(resumed["arms"] + resumed["measurements"], abs=0.11)
 
 
-@pytest.mark.slow  # minutes on 2 busy cores: eight 1280-d Fréchet distances and six training processes
-def test_smoke_study_writes_every_output_with_rows_for_every_arm(tmp_path):
-    out = tmp_path / "study"
-    smoke = [sys.executable, "-m", "repae.study", "--smoke", "--out", str(out), "--parallel", "4"]
-    result = subprocess.run(smoke, capture_output=True, text=True, env=os.environ.copy())
+SMOKE_STUDY = [sys.executable, "-m", "repae.study", "--smoke", "--parallel", "4", "--out"]
+
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory):
+    """The directory of a finished smoke study (every stage, a couple of CPU steps per run)."""
+    out = tmp_path_factory.mktemp("smoke") / "study"
+    result = subprocess.run([*SMOKE_STUDY, str(out)], capture_output=True, text=True, env=os.environ.copy())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow  # minutes on 2 busy cores: eight 1280-d Fréchet distances and six training processes
+def test_smoke_study_writes_every_output_with_rows_for_every_arm(smoke_study):
+    out = smoke_study
     for name in ("results.csv", "summary.md", "fd_vs_step.png", "grids.png", "timing.json"):
         assert (out / name).is_file(), name
     with open(out / "results.csv") as f:
@@ -305,7 +315,7 @@ def test_smoke_study_writes_every_output_with_rows_for_every_arm(tmp_path):
     first_call = json.loads((out / "timing.json").read_text())
     assert first_call["calls"] == 1 and first_call["total"] > 0
     shutil.rmtree(out / "runs" / "vae_pretrain_s0")
-    resumed = subprocess.run(smoke, capture_output=True, text=True, env=os.environ.copy())
+    resumed = subprocess.run([*SMOKE_STUDY, str(out)], capture_output=True, text=True, env=os.environ.copy())
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert not (out / "runs" / "vae_pretrain_s0").exists()
     assert "started" not in resumed.stdout  # every run was finished
@@ -313,3 +323,43 @@ def test_smoke_study_writes_every_output_with_rows_for_every_arm(tmp_path):
     both_calls = json.loads((out / "timing.json").read_text())
     assert both_calls["calls"] == 2
     assert all(both_calls[stage] >= first_call[stage] for stage in first_call if stage != "calls")
+
+
+@pytest.mark.slow  # the smoke study's
+def test_the_ema_batchnorm_study_measures_a_runs_logged_fds_again_and_the_ema_with_raw_statistics(
+    smoke_study, tmp_path
+):
+    run = smoke_study / "runs" / "naive_e2e_s0"
+    output = tmp_path / "ema_batchnorm.json"
+    threads = torch.get_num_threads()
+    # the runs' thread count: their summation order, on which a 10-sample FD depends in its 5th digit
+    torch.set_num_threads(int(process_environment(4)["OMP_NUM_THREADS"]))
+    try:
+        study_ema_batchnorm.main([str(run), "--device", "cpu", "--output", str(output)])
+    finally:
+        torch.set_num_threads(threads)
+    (step,) = json.loads(output.read_text())["steps"]
+    assert step["step"] == 2  # the smoke run's one FD step, where it also checkpoints
+    # The same samples as the run's callbacks drew: the logged FDs, measured again.
+    assert step["fd_ema"] == step["logged_fd_ema"]
+    assert step["fd_raw"] == step["logged_fd_raw"]
+    # Two steps into the run the EMA's BatchNorm statistics still differ from the raw SiT's, and
+    # the EMA SiT sampling with the raw statistics is a third model.
+    assert step["ema_batchnorm"] != step["raw_batchnorm"]
+    assert step["fd_ema_raw_batchnorm"] not in (step["fd_ema"], step["fd_raw"])
+
+
+@pytest.mark.slow  # the smoke study's
+def test_the_ema_batchnorm_study_refuses_a_run_config_value_of_the_wrong_type_in_one_line(
+    smoke_study, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_study / "runs" / "naive_e2e_s0", run)
+    config = OmegaConf.load(run / "config.yaml")
+    config.callbacks.fid.num_samples = "os.system('rm -rf /')"
+    OmegaConf.save(config, run / "config.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        study_ema_batchnorm.main([str(run), "--device", "cpu"])
+    message = str(exit_info.value)
+    assert message == "error: the run's config.yaml: callbacks.fid.num_samples is a str, not of type int"
+    assert "os.system" not in message + capsys.readouterr().out
