@@ -2,30 +2,32 @@
 EMA"):
 
     python scripts/study_ema_batchnorm.py logs/ema_bn/runs/naive_e2e_s0 \\
-        --output docs/reproduction/ema_batchnorm.json
+        --output docs/reproduction/ema_batchnorm_<card>_<commit>.json
 
 The SiT samples in its normalised latent space, and its BatchNorm's running mean and variance map
 the samples back to VAE latents (``SiT.denormalize_latents``). The EMA averages those buffers like
-weights, as the official code does, so while the latents' spread falls during a run (the naive
+weights, as the official code does, so while the latents' variance falls during a run (the naive
 end-to-end arm's, to ~1/30), the EMA's statistics lag the raw SiT's.
 
-For each checkpoint of the run at a step where it logged its FD, with that FD's own protocol (the
-run's config.yaml: ``callbacks.fid`` samples, labels, noise and reference, ``model.sampling``), three
-Fréchet distances: the EMA SiT's, the raw SiT's, and that of the EMA SiT with the raw SiT's BatchNorm
-statistics. The first two are the run's logged values measured again: the JSON holds both, a check
-of the measurement. The run directory's files are read, never executed: only numbers, names and the
-reference path are taken from its config.
+For each checkpoint of a one-process run at a step where it logged its FD, with that FD's own
+protocol (``callbacks.fid`` of the run's config.yaml: samples, labels, noise and reference;
+``model.sampling``), three Fréchet distances: the EMA SiT's, the raw SiT's, and that of the EMA SiT
+with the raw SiT's BatchNorm statistics. The first two are the run's logged values measured again:
+the JSON holds both, a check of the measurement. The run's files are data, never code: its config is
+read as plain YAML (no interpolation), only typed values are taken from it, and its feature
+extractor must be EfficientNet (an Inception weights file would be unpickled by torch-fidelity).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+import yaml
 
 from repae.benchmarking import report
 from repae.callbacks.sampling import DistributionMetricCallback, check_reference_record
@@ -38,58 +40,72 @@ ONE_PROCESS = SimpleNamespace(world_size=1, global_rank=0)  # what sample_statis
 # model.sampling: each key's type
 SAMPLER = {"mode": str, "num_steps": int, "heun": bool, "cfg_scale": float, "guidance_low": float,
            "guidance_high": float, "path_type": str}  # fmt: skip
+# callbacks.fid: the keys of a run's FD callback; any other would reach its sampler unseen here
+FD_KEYS = {"_target_", "every_n_steps", "steps", "num_samples", "batch_size", "feature_extractor",
+           "effnet_resolution", "reference_dataset", "reference_stats_path", "seed", "use_ema"}  # fmt: skip
 MISSING = object()
 
 
-def setting(config: DictConfig, key: str, kind: type, default: object = MISSING):
-    """``key`` of a run's config, of type ``kind`` (a float may be written as an int); one error
-    line naming the key, never its value, if it is missing or of another type."""
-    value = OmegaConf.select(config, key, default=default)
+def read_config(path: Path) -> dict:
+    """A run's config.yaml as plain data: YAML's safe loader, interpolations left as text."""
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not YAML: {type(error).__name__}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a {type(config).__name__}, not a run's config")
+    return config
+
+
+def setting(config: Mapping, key: str, kind: type, default: object = MISSING):
+    """The dotted ``key`` of a run's config, of type ``kind`` (a float may be written as an int);
+    one error line naming the key, never its value, if it is missing or of another type."""
+    value = config
+    for part in key.split("."):
+        value = value.get(part, MISSING) if isinstance(value, Mapping) else MISSING
     if value is MISSING:
-        raise ValueError(f"the run's config.yaml has no {key}")
+        if default is MISSING:
+            raise ValueError(f"the run's config.yaml has no {key}")
+        return default
     kinds = (int, float) if kind is float else kind
-    if value is not default and (
-        not isinstance(value, kinds) or (isinstance(value, bool) and kind is not bool)
-    ):
+    if not isinstance(value, kinds) or (isinstance(value, bool) and kind is not bool):
         raise ValueError(
             f"the run's config.yaml: {key} is a {type(value).__name__}, not of type {kind.__name__}"
         )
-    return value
+    return float(value) if kind is float else value
 
 
-class SamplingModule:
+def sampling_module(model: SamplingModel, sampler: Mapping, device: torch.device) -> SimpleNamespace:
     """What ``DistributionMetricCallback.sample_statistics`` reads of the training module, for a
-    ``SamplingModel``: its device, classes, latent shape and ``generate`` with the run's sampler."""
+    ``SamplingModel``: its SiT (EMA or raw) was chosen when it was loaded, so ``use_ema`` is moot."""
 
-    def __init__(self, model: SamplingModel, sampler: Mapping, device: torch.device):
-        self.model, self.sampler, self.device = model, dict(sampler), device
+    def generate(labels, noise, use_ema: bool = True, **sampler_kwargs) -> torch.Tensor:
+        return model.generate(labels, noise, **{**sampler, **sampler_kwargs})
 
-    @property
-    def num_classes(self) -> int:
-        return self.model.num_classes
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return self.model.latent_shape
-
-    def generate(self, labels, noise, use_ema: bool = True, **sampler_kwargs) -> torch.Tensor:
-        """Samples of the model's SiT (EMA or raw: chosen when it was loaded, so ``use_ema`` is moot)."""
-        return self.model.generate(labels, noise, **{**self.sampler, **sampler_kwargs})
+    return SimpleNamespace(
+        device=device, num_classes=model.num_classes, latent_shape=model.latent_shape, generate=generate
+    )
 
 
-def fd_callback(config: DictConfig, reference_path: str) -> DistributionMetricCallback:
+def fd_callback(config: Mapping, reference_path: str) -> DistributionMetricCallback:
     """The run's FD callback, built from the values of ``callbacks.fid`` in its config (its
     ``_target_`` and dataset configs are not used), with its feature extractor."""
-    steps = setting(config, "callbacks.fid.steps", ListConfig)
-    if not all(isinstance(step, int) for step in steps):
+    unknown = sorted(set(setting(config, "callbacks.fid", dict)) - FD_KEYS)
+    if unknown:
+        raise ValueError(
+            f"the run's config.yaml: callbacks.fid has keys this script does not reproduce: {unknown}"
+        )
+    if setting(config, "callbacks.fid.feature_extractor", str, "effnet") != "effnet":
+        raise ValueError("the run's config.yaml: callbacks.fid.feature_extractor must be effnet")
+    steps = setting(config, "callbacks.fid.steps", list)
+    if not all(isinstance(step, int) and not isinstance(step, bool) for step in steps):
         raise ValueError("the run's config.yaml: callbacks.fid.steps must be a list of step numbers")
     callback = DistributionMetricCallback(
         num_samples=setting(config, "callbacks.fid.num_samples", int),
         batch_size=setting(config, "callbacks.fid.batch_size", int),
-        steps=list(steps),
-        feature_extractor=setting(config, "callbacks.fid.feature_extractor", str),
+        steps=steps,
+        feature_extractor="effnet",
         reference_stats_path=reference_path,
-        inception_weights_path=setting(config, "callbacks.fid.inception_weights_path", str, None),
         effnet_resolution=setting(config, "callbacks.fid.effnet_resolution", int, 128),
         seed=setting(config, "callbacks.fid.seed", int, 0),
     )
@@ -97,19 +113,29 @@ def fd_callback(config: DictConfig, reference_path: str) -> DistributionMetricCa
     return callback
 
 
+def use_raw_batchnorm(ema_sit: torch.nn.Module, raw_sit: torch.nn.Module) -> None:
+    """Give the EMA SiT the raw SiT's BatchNorm running mean and variance, and nothing else."""
+    ema_sit.bn.running_mean.copy_(raw_sit.bn.running_mean)
+    ema_sit.bn.running_var.copy_(raw_sit.bn.running_var)
+
+
 def batchnorm_statistics(model: SamplingModel) -> dict[str, list[float]]:
-    """Per latent channel, the running mean and std that map the SiT's samples back to VAE latents."""
-    bn = model.sit.bn
+    """Per latent channel, the running mean and variance that map the SiT's samples back to VAE latents."""
     return {
-        "running_mean": bn.running_mean.tolist(),
-        "running_std": (bn.running_var + bn.eps).sqrt().tolist(),
+        "running_mean": model.sit.bn.running_mean.tolist(),
+        "running_var": model.sit.bn.running_var.tolist(),
     }
 
 
 @torch.no_grad()
 def measure(run: Path, device: torch.device, reference_path: str | None = None) -> dict:
     """The three FDs at each step with a logged FD and a checkpoint, beside the logged FDs."""
-    config = OmegaConf.load(run / "config.yaml")  # written resolved by repae.train
+    config = read_config(run / "config.yaml")  # repae.train writes it resolved: the values are there
+    processes = setting(config, "trainer.devices", int, 1) * setting(config, "trainer.num_nodes", int, 1)
+    if processes != 1:  # the run's samples would be split over its processes, each with its own noise
+        raise ValueError(
+            "the run's config.yaml: trainer.devices x trainer.num_nodes must be 1 (a one-process run)"
+        )
     sampler = {key: setting(config, f"model.sampling.{key}", kind) for key, kind in SAMPLER.items()}
     tf32 = setting(config, "allow_tf32", bool)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
@@ -120,11 +146,15 @@ def measure(run: Path, device: torch.device, reference_path: str | None = None) 
     reference = load_reference_statistics(reference_path, extractor, callback.batch_size, device)
 
     def fd(model: SamplingModel) -> float:
-        statistics = callback.sample_statistics(ONE_PROCESS, SamplingModule(model, sampler, device))
+        statistics = callback.sample_statistics(ONE_PROCESS, sampling_module(model, sampler, device))
         return frechet_distance(*statistics.compute(), *reference)
 
     steps = []
-    for row in fd_rows(run, run.name, setting(config, "seed", int)):
+    try:
+        rows = fd_rows(run, run.name, setting(config, "seed", int))
+    except KeyError as error:
+        raise ValueError(f"{run / 'csv' / 'metrics.csv'} has no column {error}") from None
+    for row in rows:
         checkpoint = run / "checkpoints" / f"{row['step']:07d}.ckpt"
         if not checkpoint.is_file():
             continue
@@ -139,14 +169,13 @@ def measure(run: Path, device: torch.device, reference_path: str | None = None) 
             "ema_batchnorm": batchnorm_statistics(ema),
             "raw_batchnorm": batchnorm_statistics(raw),
         }
-        ema.sit.bn.running_mean.copy_(raw.sit.bn.running_mean)
-        ema.sit.bn.running_var.copy_(raw.sit.bn.running_var)
+        use_raw_batchnorm(ema.sit, raw.sit)
         record["fd_ema_raw_batchnorm"] = fd(ema)
-        print({key: value for key, value in record.items() if "batchnorm" not in key}, flush=True)
+        print({key: value for key, value in record.items() if "batchnorm" not in key}, file=sys.stderr)
         steps.append(record)
     if not steps:
         raise FileNotFoundError(f"{run}: no checkpoint (checkpoints/<step>.ckpt) at a step with a logged FD")
-    return {"run": str(run), "reference": reference_path, "sampler": dict(sampler), "steps": steps}
+    return {"run": str(run), "reference": reference_path, "sampler": sampler, "steps": steps}
 
 
 def main(argv: list[str] | None = None) -> None:
