@@ -29,6 +29,8 @@ from scipy import linalg
 from scipy.linalg import lapack
 from torch import nn
 
+from repae.safe_load import load_weights_only, weights_only_loads
+
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]
 SPATIAL_FEATURES = 17 * 17 * SPATIAL_CHANNELS  # mixed_6 works on a 17x17 grid of the 299x299 input
@@ -172,9 +174,15 @@ class InceptionFeatures(nn.Module):
         # Imported here: torch-fidelity pulls in torchvision (~2 s), only needed when FID is enabled.
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        self.net = FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=weights_path
-        )
+        # torch-fidelity unpickles the file with weights_only=False: first refuse, in one clear error,
+        # a file that holds more than tensors; then keep its own load to tensors as well.
+        load_weights_only(weights_path, config_key)
+        with weights_only_loads():
+            self.net = FeatureExtractorInceptionV3(
+                "inception-v3-compat",
+                ["2048", "logits_unbiased"],
+                feature_extractor_weights_path=weights_path,
+            )
         self._spatial: torch.Tensor | None = None
         self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
 

@@ -2,14 +2,17 @@
 
 Every ``torch.load`` in repae goes through :func:`load_weights_only`. It passes ``weights_only=True``
 explicitly, because torch lets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` override only the loads that leave
-it unset, and it never advises ``weights_only=False`` (that would run the file's code).
+it unset, and it never advises ``weights_only=False`` (that would run the file's code). A library that
+loads a file itself runs inside :func:`weights_only_loads`.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +57,22 @@ def refusal(path: str | Path, error: pickle.UnpicklingError, what: str = "checkp
         f"{what} {path} holds more than tensors and plain values (a reference to {found.group(1)}, which is "
         "not on repae's allow-list): repae does not write such files and refuses to load it"
     )
+
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` in the block loads weights only, even a library's that passes
+    ``weights_only=False`` (torch-fidelity's Inception loader does): torch's
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``, set for the block, with ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+    lifted (torch refuses the two together). A file that pickles code then fails to load instead of
+    running it."""
+    names = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    previous = {name: os.environ.pop(name, None) for name in names}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value

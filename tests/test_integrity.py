@@ -12,6 +12,7 @@ import builtins
 import csv
 import errno
 import os
+import pickle
 import shutil
 import socket
 import struct
@@ -40,8 +41,10 @@ from test_reliability import (
 
 from repae.callbacks.checkpoint import AtomicCheckpointIO, verify_checkpoint
 from repae.config_checks import check_training_config
+from repae.metrics import InceptionFeatures
 from repae.preprocess import preprocess
 from repae.run_directory import write_text_atomically
+from repae.safe_load import weights_only_loads
 from repae.train import input_error, train
 
 from conftest import CONF_DIR, compose_config
@@ -346,6 +349,35 @@ def test_a_pickle_payload_in_a_checkpoint_is_refused_even_with_force_no_weights_
 def test_atomic_checkpoint_io_never_loads_with_weights_only_false(finished_run):
     with pytest.raises(ValueError, match="refusing to load"):
         AtomicCheckpointIO().load_checkpoint(finished_run / "checkpoints" / "last.ckpt", weights_only=False)
+
+
+def test_an_inception_weights_file_that_pickles_code_is_refused_naming_its_setting_and_runs_nothing(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    target = tmp_path / "victim.txt"
+    target.write_text("precious")
+    weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": OpenForWriting(target)}, weights)
+    with pytest.raises(ValueError) as error:
+        InceptionFeatures(str(weights), config_key="callbacks.fid.inception_weights_path")
+    assert str(error.value).startswith(
+        f"callbacks.fid.inception_weights_path {weights} holds more than tensors"
+    )
+    assert target.read_text() == "precious"
+
+
+def test_inside_weights_only_loads_even_a_load_that_asks_for_pickles_gets_tensors_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    target = tmp_path / "victim.txt"
+    target.write_text("precious")
+    payload = tmp_path / "payload.pth"
+    torch.save({"weight": OpenForWriting(target)}, payload)
+    with weights_only_loads(), pytest.raises(pickle.UnpicklingError):
+        torch.load(payload, weights_only=False)  # what torch-fidelity does with its weights path
+    assert target.read_text() == "precious"
+    assert os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD") == "1"  # the caller's setting is back
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
 
 
 def test_a_checkpoint_that_is_not_a_training_checkpoint_is_one_error_line(tiny_config, tmp_path):
