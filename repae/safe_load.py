@@ -1,9 +1,9 @@
 """Reading torch files that may come from someone else: tensors and plain values only.
 
-Every ``torch.load`` in repae goes through :func:`load_weights_only`. It passes ``weights_only=True``
-explicitly, because torch lets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` override only the loads that leave
-it unset, and it never advises ``weights_only=False`` (that would run the file's code). A library that
-loads a file itself runs inside :func:`weights_only_loads`.
+Every ``torch.load`` in repae passes ``weights_only=True`` explicitly, because torch lets
+``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` override only the loads that leave it unset; files someone else
+gives go through :func:`load_weights_only`, which never advises ``weights_only=False`` (that would run
+the file's code). A library that loads a file itself runs inside :func:`weights_only_loads`.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def weights_only_loads() -> Iterator[None]:
     ``weights_only=False`` (torch-fidelity's Inception loader does): torch's
     ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``, set for the block, with ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
     lifted (torch refuses the two together). A file that pickles code then fails to load instead of
-    running it."""
+    running it. The variables are the process's: use it around one construction on the main thread,
+    not from threads that may overlap."""
     names = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
     previous = {name: os.environ.pop(name, None) for name in names}
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"

@@ -42,7 +42,8 @@ SAMPLER = {"mode": str, "num_steps": int, "heun": bool, "cfg_scale": float, "gui
            "guidance_high": float, "path_type": str}  # fmt: skip
 # callbacks.fid: the keys of a run's FD callback; any other would reach its sampler unseen here
 FD_KEYS = {"_target_", "every_n_steps", "steps", "num_samples", "batch_size", "feature_extractor",
-           "effnet_resolution", "reference_dataset", "reference_stats_path", "seed", "use_ema"}  # fmt: skip
+           "effnet_resolution", "inception_weights_path", "reference_dataset",
+           "reference_from_datamodule_images", "reference_stats_path", "seed", "use_ema"}  # fmt: skip
 MISSING = object()
 
 
@@ -90,11 +91,22 @@ def sampling_module(model: SamplingModel, sampler: Mapping, device: torch.device
 def fd_callback(config: Mapping, reference_path: str) -> DistributionMetricCallback:
     """The run's FD callback, built from the values of ``callbacks.fid`` in its config (its
     ``_target_`` and dataset configs are not used), with its feature extractor."""
-    unknown = sorted(set(setting(config, "callbacks.fid", dict)) - FD_KEYS)
+    fid = setting(config, "callbacks.fid", dict)
+    unknown = sorted(map(str, set(fid) - FD_KEYS))
     if unknown:
         raise ValueError(
             f"the run's config.yaml: callbacks.fid has keys this script does not reproduce: {unknown}"
         )
+    if setting(config, "callbacks.fid.use_ema", bool, True) is not True:
+        raise ValueError("the run's config.yaml: callbacks.fid.use_ema must be true (its FD is the EMA's)")
+    # The logged raw FD is compared with the raw FD measured here under callbacks.fid's protocol.
+    fid_raw = setting(config, "callbacks.fid_raw", dict, None)
+    if fid_raw is not None and (
+        fid_raw.get("use_ema") is not False
+        or {k: v for k, v in fid_raw.items() if k != "use_ema"}
+        != {k: v for k, v in fid.items() if k != "use_ema"}
+    ):
+        raise ValueError("the run's config.yaml: callbacks.fid_raw must be callbacks.fid with use_ema: false")
     if setting(config, "callbacks.fid.feature_extractor", str, "effnet") != "effnet":
         raise ValueError("the run's config.yaml: callbacks.fid.feature_extractor must be effnet")
     steps = setting(config, "callbacks.fid.steps", list)

@@ -369,15 +369,29 @@ def test_an_inception_weights_file_that_pickles_code_is_refused_naming_its_setti
 
 def test_inside_weights_only_loads_even_a_load_that_asks_for_pickles_gets_tensors_only(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    monkeypatch.delenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", raising=False)
     target = tmp_path / "victim.txt"
     target.write_text("precious")
     payload = tmp_path / "payload.pth"
     torch.save({"weight": OpenForWriting(target)}, payload)
-    with weights_only_loads(), pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(pickle.UnpicklingError), weights_only_loads():
         torch.load(payload, weights_only=False)  # what torch-fidelity does with its weights path
     assert target.read_text() == "precious"
-    assert os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD") == "1"  # the caller's setting is back
+    # the caller's settings are back, after the failed load too
+    assert os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD") == "1"
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+
+
+def test_torch_fidelitys_own_load_of_the_inception_weights_gets_tensors_only(tmp_path, monkeypatch):
+    # As if the file changed between repae's weights-only check and torch-fidelity's load.
+    monkeypatch.setattr("repae.metrics.load_weights_only", lambda *args, **kwargs: None)
+    target = tmp_path / "victim.txt"
+    target.write_text("precious")
+    weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": OpenForWriting(target)}, weights)
+    with pytest.raises(pickle.UnpicklingError):
+        InceptionFeatures(str(weights), config_key="callbacks.fid.inception_weights_path")
+    assert target.read_text() == "precious"
 
 
 def test_a_checkpoint_that_is_not_a_training_checkpoint_is_one_error_line(tiny_config, tmp_path):

@@ -119,6 +119,9 @@ RUN_CONFIG = {  # what the script reads of a study run's config.yaml
          "callbacks.fid has keys this script does not reproduce: ['guidance_scale']"),
         ("trainer.devices", 2, "trainer.devices x trainer.num_nodes must be 1 (a one-process run)"),
         ("allow_tf32", None, "allow_tf32 is a NoneType, not of type bool"),
+        ("callbacks.fid.use_ema", False, "callbacks.fid.use_ema must be true (its FD is the EMA's)"),
+        ("callbacks.fid_raw", {**RUN_CONFIG["callbacks"]["fid"], "use_ema": False, "seed": 1},
+         "callbacks.fid_raw must be callbacks.fid with use_ema: false"),
     ],
 )  # fmt: skip
 def test_the_ema_batchnorm_study_refuses_a_run_config_it_cannot_follow_in_one_line(
