@@ -330,13 +330,13 @@ def measure_vae(vae_file: Path, images: torch.Tensor, reference, extractor, devi
     }
 
 
-def fd_rows(directory: Path, arm: str, seed: int) -> list[dict]:
-    """One row per scheduled step (``callbacks.fid.steps`` of the run's config.yaml) that the run in
-    ``directory`` evaluated, from its CSV logger's metrics.csv: FD-EffNet (EMA), and as diagnostics the
-    raw SiT's FD and the means of the ``DIAGNOSTICS`` logged since the previous scheduled step; ``arm``
-    and ``seed`` label the rows. Only scheduled steps are compared across arms; a run stopped by a
-    signal before e28f2ec also logged an FD at the step it stopped at."""
-    scheduled = sorted(OmegaConf.load(directory / "config.yaml").callbacks.fid.steps)
+def fd_rows(directory: Path, arm: str, seed: int, steps: list[int] | None = None) -> list[dict]:
+    """One row per scheduled step (``steps``, by default ``callbacks.fid.steps`` of the run's
+    config.yaml) that the run in ``directory`` evaluated, from its CSV logger's metrics.csv: FD-EffNet
+    (EMA), and as diagnostics the raw SiT's FD and the means of the ``DIAGNOSTICS`` logged since the
+    previous scheduled step; ``arm`` and ``seed`` label the rows. Only scheduled steps are compared
+    across arms; a run stopped by a signal before e28f2ec also logged an FD at the step it stopped at."""
+    scheduled = sorted(steps or OmegaConf.load(directory / "config.yaml").callbacks.fid.steps)
     with open(directory / "csv" / "metrics.csv") as f:
         logged = list(csv.DictReader(f))
 

@@ -163,7 +163,7 @@ def measure(run: Path, device: torch.device, reference_path: str | None = None) 
 
     steps = []
     try:
-        rows = fd_rows(run, run.name, setting(config, "seed", int))
+        rows = fd_rows(run, run.name, setting(config, "seed", int), sorted(callback.steps))
     except KeyError as error:
         raise ValueError(f"{run / 'csv' / 'metrics.csv'} has no column {error}") from None
     for row in rows:

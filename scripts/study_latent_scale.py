@@ -42,7 +42,7 @@ from repae.benchmarking import report
 from repae.convert.checkpoints import load_checkpoint
 from repae.generate import load_sampling_model
 from repae.modules.encoders import build_encoders
-from repae.modules.vae import images_to_vae_input, load_checked_state_dict
+from repae.modules.vae import images_to_vae_input, load_vae_weights
 from repae.study import fashion_mnist
 
 
@@ -182,7 +182,7 @@ def main() -> None:
         print(path, results[str(path)], flush=True)
     if args.start_vae:  # into the last run's VAE: the runs share their VAE's architecture
         try:
-            load_checked_state_dict(vae, args.start_vae, "--start-vae", wrapper_keys=("vae", "state_dict"))
+            load_vae_weights(vae, args.start_vae, config_key="--start-vae")
         except (FileNotFoundError, ValueError) as error:
             raise SystemExit(f"error: {error}") from None
         rows = [posterior_statistics(vae, batch.to(device))[1] for batch, _ in batches]

@@ -430,14 +430,16 @@ def load_checked_state_dict(
     return module.load_state_dict(state_dict, strict=strict)
 
 
-def load_vae_weights(vae: AutoencoderKL, path: str | Path, strict: bool = True):
+def load_vae_weights(
+    vae: AutoencoderKL, path: str | Path, strict: bool = True, config_key: str = "model.vae_weights_path"
+):
     """Load VAE weights (CompVis layout, e.g. ``sdvae-f8d4.pt``) from ``path`` into ``vae``.
 
     Accepts a plain state_dict or one wrapped under ``"vae"`` (REPA-E training checkpoints) or
     ``"state_dict"``. Strict by default: the official ``train_repae.py`` loads with ``strict=False``,
     which silently leaves any missing weight at its random initialisation.
-    See ``load_checked_state_dict`` for the errors raised (config key ``model.vae_weights_path``).
+    See ``load_checked_state_dict`` for the errors raised, which name ``config_key``.
     """
     return load_checked_state_dict(
-        vae, path, config_key="model.vae_weights_path", wrapper_keys=("vae", "state_dict"), strict=strict
+        vae, path, config_key=config_key, wrapper_keys=("vae", "state_dict"), strict=strict
     )
