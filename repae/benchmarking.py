@@ -64,8 +64,8 @@ def cpu_model() -> str:
 
 def provenance() -> dict:
     """Where a result came from: the command as typed from the repository root, the commit (and
-    whether the working tree differed from it, untracked files included), the CPU model and the
-    cores this process may use."""
+    whether the working tree differed from it, untracked files included), the CPU model, the
+    cores this process may use and the torch version."""
     root = Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str | None:
@@ -85,6 +85,7 @@ def provenance() -> dict:
         "uncommitted_changes": None if status is None else bool(status),
         "cpu_model": cpu_model(),
         "cpu_cores": len(os.sched_getaffinity(0)),
+        "torch": torch.__version__,
     }
 
 

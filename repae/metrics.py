@@ -29,7 +29,7 @@ from scipy import linalg
 from scipy.linalg import lapack
 from torch import nn
 
-from repae.safe_load import load_weights_only, weights_only_loads
+from repae.safe_load import load_errors, weights_only_loads
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]
@@ -174,10 +174,9 @@ class InceptionFeatures(nn.Module):
         # Imported here: torch-fidelity pulls in torchvision (~2 s), only needed when FID is enabled.
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        # torch-fidelity unpickles the file with weights_only=False: first refuse, in one clear error,
-        # a file that holds more than tensors; then keep its own load to tensors as well.
-        load_weights_only(weights_path, config_key)
-        with weights_only_loads():
+        # torch-fidelity unpickles the file with weights_only=False: its load is kept to tensors, and a
+        # file that holds more is refused in one clear error.
+        with weights_only_loads(), load_errors(weights_path, config_key):
             self.net = FeatureExtractorInceptionV3(
                 "inception-v3-compat",
                 ["2048", "logits_unbiased"],

@@ -36,9 +36,17 @@ def load_weights_only(
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"{what} {path} does not exist or is not a file")
+    with load_errors(path, what), torch.serialization.safe_globals(list(allowed_globals)):
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+
+
+@contextmanager
+def load_errors(path: str | Path, what: str = "checkpoint") -> Iterator[None]:
+    """A weights-only load in the block that fails becomes one ``ValueError`` naming ``what`` and
+    ``path``: :func:`refusal` for a file that pickles more than tensors, "not a readable torch file"
+    for anything else torch cannot read."""
     try:
-        with torch.serialization.safe_globals(list(allowed_globals)):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        yield
     except pickle.UnpicklingError as error:
         raise refusal(path, error, what) from None
     except (RuntimeError, KeyError, EOFError) as error:

@@ -375,7 +375,6 @@ def main() -> None:
     step_time = statistics.mean(timed)
     images_per_second = args.batch_size * args.devices / step_time
     results = {
-        "torch": torch.__version__,
         "overrides": args.overrides,
         "device": torch.cuda.get_device_name(),
         "devices": args.devices,

@@ -354,6 +354,7 @@ def test_atomic_checkpoint_io_never_loads_with_weights_only_false(finished_run):
 def test_an_inception_weights_file_that_pickles_code_is_refused_naming_its_setting_and_runs_nothing(
     tmp_path, monkeypatch
 ):
+    # torch-fidelity's own load asks for pickles, and the caller's environment allows them.
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     target = tmp_path / "victim.txt"
     target.write_text("precious")
@@ -365,6 +366,17 @@ def test_an_inception_weights_file_that_pickles_code_is_refused_naming_its_setti
         f"callbacks.fid.inception_weights_path {weights} holds more than tensors"
     )
     assert target.read_text() == "precious"
+
+
+def test_an_inception_weights_file_that_is_no_torch_file_is_one_error_naming_its_setting(tmp_path):
+    weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    weights.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError) as error:
+        InceptionFeatures(str(weights), config_key="callbacks.fid.inception_weights_path")
+    assert str(error.value).startswith(
+        f"callbacks.fid.inception_weights_path {weights} is not a readable torch file"
+    )
+    assert input_error(error.value) is error.value
 
 
 def test_inside_weights_only_loads_even_a_load_that_asks_for_pickles_gets_tensors_only(tmp_path, monkeypatch):
@@ -380,18 +392,6 @@ def test_inside_weights_only_loads_even_a_load_that_asks_for_pickles_gets_tensor
     # the caller's settings are back, after the failed load too
     assert os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD") == "1"
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
-
-
-def test_torch_fidelitys_own_load_of_the_inception_weights_gets_tensors_only(tmp_path, monkeypatch):
-    # As if the file changed between repae's weights-only check and torch-fidelity's load.
-    monkeypatch.setattr("repae.metrics.load_weights_only", lambda *args, **kwargs: None)
-    target = tmp_path / "victim.txt"
-    target.write_text("precious")
-    weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
-    torch.save({"Conv2d_1a_3x3.conv.weight": OpenForWriting(target)}, weights)
-    with pytest.raises(pickle.UnpicklingError):
-        InceptionFeatures(str(weights), config_key="callbacks.fid.inception_weights_path")
-    assert target.read_text() == "precious"
 
 
 def test_a_checkpoint_that_is_not_a_training_checkpoint_is_one_error_line(tiny_config, tmp_path):

@@ -69,7 +69,6 @@ def main() -> None:
     args = parser.parse_args()
     results = {
         "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
         "matmul_tflops": matmul_tflops(),
         "batch_size": args.batch_size,
         "shapes": {},

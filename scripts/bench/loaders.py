@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
     count = (args.warmup + args.batches) * args.batch_size
     options = {key: value for key, value in vars(args).items() if key != "output"}
     options["data_dir"] = None if args.data_dir is None else str(args.data_dir)
-    results = {"torch": torch.__version__, "options": options}
+    results = {"options": options}
     with tempfile.TemporaryDirectory() as temporary:
         data_dir = args.data_dir or Path(temporary)
         if (data_dir / f"{LATENTS_NAME}_h5.json").is_file():
