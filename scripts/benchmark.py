@@ -184,14 +184,15 @@ class StepTimer(pl.Callback):
             self._profiler = None
 
 
-# First match wins: inductor names Triton kernels after the ops they fuse (..._convolution_...),
-# cuDNN names its attention kernels cudnn_..._sdpa_..._flash_...
+# First match wins: inductor names Triton kernels after the ops they fuse (..._convolution_...) and
+# its foreach kernels triton_for_..., cuDNN names its attention kernels cudnn_..._sdpa_..._flash_...
 KERNEL_FAMILIES = {
+    "compiled foreach ops (the EMA under model.compile)": ("triton_for",),
     "Triton (inductor-fused element-wise, norms, reductions)": ("triton",),
     "attention": ("sdpa", "fmha", "flash", "attention"),
     "convolution (cuDNN)": ("xmma", "implicit_gemm", "conv", "cudnn", "nchwToNhwc", "nhwcToNchw"),
     "matmul (cuBLAS)": ("nvjet", "gemm", "cutlass", "cublas"),
-    "optimizer and EMA (multi_tensor_apply)": ("multi_tensor_apply",),
+    "foreach ops (fused AdamW, gradient norm, the uncompiled EMA)": ("multi_tensor_apply",),
     "ATen element-wise and reductions": ("elementwise", "reduce_kernel", "vectorized"),
     "memory copies and fills": ("memcpy", "memset", "copy", "fill"),
 }
