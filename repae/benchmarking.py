@@ -14,6 +14,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,27 +63,46 @@ def cpu_model() -> str:
     return "unknown"
 
 
+def git(root: Path, *args: str, env: dict | None = None) -> str | None:
+    """The output of ``git args`` in ``root``, stripped; None if git is missing or fails."""
+    try:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True, env=env)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return done.stdout.strip()
+
+
+def working_tree_hash(root: Path) -> str | None:
+    """The git tree hash of the files in ``root``'s working tree, tracked and untracked (ignored ones
+    left out): equal to ``git rev-parse <commit>^{tree}`` when the files are that commit's, whatever
+    the repository's metadata says. Made through a scratch index, so the repository's own index
+    and staged changes stay as they are."""
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch_index = {**os.environ, "GIT_INDEX_FILE": os.path.join(scratch, "index")}
+        if git(root, "add", "--all", env=scratch_index) is None:
+            return None
+        return git(root, "write-tree", env=scratch_index)
+
+
 def provenance() -> dict:
     """Where a result came from: the command as typed from the repository root, the commit (and
-    whether the working tree differed from it, untracked files included), the CPU model, the
-    cores this process may use and the torch version."""
+    whether the working tree differed from it, untracked files included), the working tree's own
+    git tree hash, the CPU model, the cores this process may use and the torch version.
+
+    ``tree`` names the code that ran even where the commit cannot: a copy of the working tree whose
+    git metadata is older than its files (a remote machine's) records a stale ``commit``, but its
+    ``tree`` equals ``git rev-parse <commit>^{tree}`` of the commit whose files ran (untracked,
+    unignored files included, so a clean tree matches its commit exactly)."""
     root = Path(__file__).resolve().parents[1]
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
-        except (OSError, subprocess.CalledProcessError):
-            return None
-        return done.stdout.strip()
-
     script = Path(sys.argv[0]).resolve()
     shown = script.relative_to(root) if script.is_relative_to(root) else script
     # Untracked files count: a new script that produced a result is not in the commit either.
-    status = git("status", "--porcelain")
+    status = git(root, "status", "--porcelain")
     return {
         "command": shlex.join(["python", str(shown), *sys.argv[1:]]),
-        "commit": git("rev-parse", "HEAD"),
+        "commit": git(root, "rev-parse", "HEAD"),
         "uncommitted_changes": None if status is None else bool(status),
+        "tree": working_tree_hash(root),
         "cpu_model": cpu_model(),
         "cpu_cores": len(os.sched_getaffinity(0)),
         "torch": torch.__version__,

@@ -1,20 +1,24 @@
 """The benchmarks' yardsticks: MFU counts the model's FLOPs, however the model computes them; the EMA
-benchmark times forms that all compute the EMA; the garbage collector's pauses are recorded only
-while asked for."""
+and optimizer benchmarks time forms that all compute today's update, and skip a step alike; the
+garbage collector's pauses are recorded only while asked for; a result names the files that made it."""
 
 from __future__ import annotations
 
 import gc
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from repae.benchmarking import module_input_shapes
+from repae.benchmarking import module_input_shapes, working_tree_hash
 from repae.kernels import use_fast_kernels
 from repae.modules import vae as vae_module
+from repae.modules.sit import build_sit
 from scripts import benchmark
 from scripts.bench import ema as benchmark_ema
+from scripts.bench import optimizer
 
 from test_ema import a_model_and_its_ema, train_a_little
 
@@ -102,3 +106,65 @@ def test_the_ema_forms_weighted_on_the_device_leave_the_ema_on_a_skipped_step(fo
     benchmark_ema.FORMS[form](ema, model)(torch.tensor(False))
     for found, old in zip(benchmark_ema.averaged_tensors(ema, model)[0], before, strict=True):
         assert torch.equal(found, old)
+
+
+def test_the_one_pass_candidates_update_weights_moments_and_ema_as_fused_adamw_then_the_ema_do():
+    torch.manual_seed(0)
+    sit = build_sit(
+        "SiT-S/2", depth=2, encoder_depth=1, in_channels=4, input_size=8, z_dims=[16], num_classes=10
+    )
+    compared = optimizer.compare_forms(sit, compile=False)
+    assert set(compared) == set(optimizer.FORMS)
+    for name, entry in compared.items():
+        # Rounding (the update computed in another order) is at most ~1e-3 of a change; a wrong formula ~1.
+        for kind, difference in entry["largest_difference_over_change"].items():
+            assert difference < 1e-2, (name, kind, difference)
+
+
+def test_a_skipped_pass_of_a_candidate_changes_nothing_and_the_next_one_counts_as_the_first():
+    torch.manual_seed(0)
+    sit = build_sit(
+        "SiT-S/2", depth=1, encoder_depth=1, in_channels=4, input_size=8, z_dims=[16], num_classes=10
+    )
+    ema = optimizer.make_ema(sit)
+    form = optimizer.FORMS["one_pass_foreach"](sit, ema, False)
+    before = {kind: [t.clone() for t in tensors] for kind, tensors in form.tensors().items()}
+    first, poisoned, _ = optimizer.gradient_sets(form.params)
+    form([g.clone() for g in poisoned], *optimizer.finite_and_divisor(poisoned))
+    for kind, tensors in form.tensors().items():
+        assert all(torch.equal(a, b) for a, b in zip(tensors, before[kind], strict=True)), kind
+    assert form.step.item() == 0
+    form([g.clone() for g in first], *optimizer.finite_and_divisor(first))
+    # AdamW's first step moves every weight with a non-zero gradient by about the learning rate.
+    moved = torch.cat([(a - b).abs().flatten() for a, b in zip(form.params, before["weights"], strict=True)])
+    assert form.step.item() == 1 and moved.max().item() == pytest.approx(optimizer.LR, rel=1e-3)
+
+
+def test_a_results_tree_hash_is_its_commits_when_the_files_are_that_commits_whatever_git_says(
+    tmp_path: Path,
+):
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            cwd=tmp_path, check=True, capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+
+    git("init", "-q")
+    (tmp_path / ".gitignore").write_text("logs/\n")
+    (tmp_path / "model.py").write_text("width = 1152\n")
+    git("add", "--all")
+    git("commit", "-q", "-m", "first")
+    first = git("rev-parse", "HEAD^{tree}")
+    assert working_tree_hash(tmp_path) == first
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "run.txt").write_text("ignored files are no code")
+    assert working_tree_hash(tmp_path) == first
+    (tmp_path / "model.py").write_text("width = 1024\n")
+    changed = working_tree_hash(tmp_path)
+    assert changed != first
+    git("add", "model.py")
+    git("commit", "-q", "-m", "second")
+    assert git("rev-parse", "HEAD^{tree}") == changed  # the hash names the commit of those files
+    (tmp_path / "new_script.py").write_text("print(1)\n")  # untracked files ran too
+    assert working_tree_hash(tmp_path) != changed
+    assert git("status", "--porcelain") == "?? new_script.py"  # the repository's index is untouched
