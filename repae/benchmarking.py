@@ -64,10 +64,13 @@ def cpu_model() -> str:
 
 
 def git(root: Path, *args: str, env: dict | None = None) -> str | None:
-    """The output of ``git args`` in ``root``, stripped; None if git is missing or fails."""
+    """The output of ``git args`` in ``root``, stripped; None if git is missing, fails or hangs
+    (a network file system)."""
     try:
-        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True, env=env)
-    except (OSError, subprocess.CalledProcessError):
+        done = subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True, env=env, timeout=60
+        )
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip()
 
@@ -75,8 +78,10 @@ def git(root: Path, *args: str, env: dict | None = None) -> str | None:
 def working_tree_hash(root: Path) -> str | None:
     """The git tree hash of the files in ``root``'s working tree, tracked and untracked (ignored ones
     left out): equal to ``git rev-parse <commit>^{tree}`` when the files are that commit's, whatever
-    the repository's metadata says. Made through a scratch index, so the repository's own index
-    and staged changes stay as they are."""
+    the repository's metadata says. Files a run writes into the checkout outside the ignored
+    folders (``logs/``, ``outputs/``) count too. Made through a scratch index, so the repository's
+    own index and staged changes stay as they are (``git add`` stores the files' blobs in
+    ``.git/objects``, as any ``git add`` does)."""
     with tempfile.TemporaryDirectory() as scratch:
         scratch_index = {**os.environ, "GIT_INDEX_FILE": os.path.join(scratch, "index")}
         if git(root, "add", "--all", env=scratch_index) is None:
@@ -87,7 +92,8 @@ def working_tree_hash(root: Path) -> str | None:
 def provenance() -> dict:
     """Where a result came from: the command as typed from the repository root, the commit (and
     whether the working tree differed from it, untracked files included), the working tree's own
-    git tree hash, the CPU model, the cores this process may use and the torch version.
+    git tree hash, the CPU model, the cores this process may use, the GPU (None without one) and
+    the torch version.
 
     ``tree`` names the code that ran even where the commit cannot: a copy of the working tree whose
     git metadata is older than its files (a remote machine's) records a stale ``commit``, but its
@@ -105,6 +111,7 @@ def provenance() -> dict:
         "tree": working_tree_hash(root),
         "cpu_model": cpu_model(),
         "cpu_cores": len(os.sched_getaffinity(0)),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
     }
 

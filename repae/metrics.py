@@ -176,7 +176,7 @@ class InceptionFeatures(nn.Module):
 
         # torch-fidelity unpickles the file with weights_only=False: its load is kept to tensors, and a
         # file that holds more is refused in one clear error.
-        with weights_only_loads(), load_errors(weights_path, config_key):
+        with weights_only_loads(), load_errors(weights_path, config_key, f"copy of {INCEPTION_WEIGHTS_FILE}"):
             self.net = FeatureExtractorInceptionV3(
                 "inception-v3-compat",
                 ["2048", "logits_unbiased"],

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 import repae
+from repae.benchmarking import git
 
 FID_50K = 50_000
 CHUNK_BYTES = 16 * 2**20
@@ -67,13 +67,7 @@ def source_commit() -> str:
     source = Path(repae.__file__).resolve().parent.parent
     if not (source / ".git").exists():
         return "unknown"
-    try:
-        result = subprocess.run(
-            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return result.stdout.strip() if result.returncode == 0 else "unknown"
+    return git(source, "rev-parse", "HEAD") or "unknown"
 
 
 def feature_resolution(feature_extractor: str, effnet_resolution: int) -> int:

@@ -41,17 +41,18 @@ def load_weights_only(
 
 
 @contextmanager
-def load_errors(path: str | Path, what: str = "checkpoint") -> Iterator[None]:
+def load_errors(path: str | Path, what: str = "checkpoint", expected: str = "torch file") -> Iterator[None]:
     """A weights-only load in the block that fails becomes one ``ValueError`` naming ``what`` and
-    ``path``: :func:`refusal` for a file that pickles more than tensors, "not a readable torch file"
-    for anything else torch cannot read."""
+    ``path``: :func:`refusal` for a file that pickles more than tensors, "not a readable
+    ``expected``" for anything else that fails (a block that also loads the state dict names what
+    the file should hold)."""
     try:
         yield
     except pickle.UnpicklingError as error:
         raise refusal(path, error, what) from None
     except (RuntimeError, KeyError, EOFError) as error:
         raise ValueError(
-            f"{what} {path} is not a readable torch file ({type(error).__name__}: {error})"
+            f"{what} {path} is not a readable {expected} ({type(error).__name__}: {error})"
         ) from None
 
 

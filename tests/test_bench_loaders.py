@@ -18,7 +18,7 @@ def test_the_loader_benchmark_times_both_loaders_on_files_of_the_project_tools_a
     ])  # fmt: skip
     result = json.loads(output.read_text())
     provenance = result["provenance"]
-    recorded = {"command", "commit", "uncommitted_changes", "tree", "cpu_model", "cpu_cores", "torch"}
+    recorded = {"command", "commit", "uncommitted_changes", "tree", "cpu_model", "cpu_cores", "gpu", "torch"}
     assert recorded <= set(provenance)
     assert provenance["command"].startswith("python ")
     assert result["files"]["source_images"] == result["data"]["images"] == 12  # (1 + 2) batches of 4

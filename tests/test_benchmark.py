@@ -168,3 +168,23 @@ def test_a_results_tree_hash_is_its_commits_when_the_files_are_that_commits_what
     (tmp_path / "new_script.py").write_text("print(1)\n")  # untracked files ran too
     assert working_tree_hash(tmp_path) != changed
     assert git("status", "--porcelain") == "?? new_script.py"  # the repository's index is untouched
+
+
+def test_a_profile_counts_the_compiled_emas_foreach_kernels_apart_from_inductors_element_wise_ones():
+    families = {
+        name: benchmark.kernel_family(name)
+        for name in (
+            "triton_for_fused_1",
+            "triton_poi_fused_gelu_view_23",
+            "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>",
+            "cudnn_generated_fort_native_sdpa_sm90_flash_fprop",
+            "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT",
+        )
+    }
+    assert list(families.values()) == [
+        "compiled foreach ops (the EMA under model.compile)",
+        "Triton (inductor-fused element-wise, norms, reductions)",
+        "foreach ops (fused AdamW, gradient norm, the uncompiled EMA)",
+        "attention",
+        "matmul (cuBLAS)",
+    ]

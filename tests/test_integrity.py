@@ -379,6 +379,17 @@ def test_an_inception_weights_file_that_is_no_torch_file_is_one_error_naming_its
     assert input_error(error.value) is error.value
 
 
+def test_a_torch_file_that_is_not_the_inception_weights_is_one_error_naming_its_setting(tmp_path):
+    weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, weights)
+    with pytest.raises(ValueError) as error:
+        InceptionFeatures(str(weights), config_key="callbacks.fid.inception_weights_path")
+    assert str(error.value).startswith(
+        f"callbacks.fid.inception_weights_path {weights} is not a readable copy of "
+        "weights-inception-2015-12-05-6726825d.pth (RuntimeError"
+    )
+
+
 def test_inside_weights_only_loads_even_a_load_that_asks_for_pickles_gets_tensors_only(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     monkeypatch.delenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", raising=False)

@@ -20,11 +20,14 @@ form, is not timed). Forms:
   forward could read instead of casting the weights (the casts saved are not in this pass).
 
 The candidates average the parameters; the BatchNorm buffers' EMA (a few numbers) is left out of
-them. For each form: the GPU milliseconds of one pass, the host milliseconds to queue one, the
-seconds of its first call, and, after three passes from the same state (the second one skipped, its
-gradients holding a NaN), the largest difference of the weights, moments and EMA to the first
-form's, as a fraction of the largest change the first form made to that tensor (rounding gives
-~1e-3 or less, a wrong formula ~1).
+them. For each form: after three passes from the same state (the second one skipped, its gradients
+holding a NaN), the largest difference of the weights, moments and EMA to the first form's, as a
+fraction of the largest change the first form made to that tensor (rounding gives ~1e-3 or less; a
+skipped step counted as taken gives ~0.07, a wrong formula more), and the seconds those three passes
+took (compilation included); then the GPU milliseconds of one pass and the host milliseconds to
+queue one, timed with a clip divisor of 1 (the bytes moved are the same, and the gradients fused
+AdamW writes back keep their values from pass to pass). One form's state is alive at a time, the
+reference on the host: ~25 GiB of GPU memory for an XL SiT.
 """
 
 from __future__ import annotations
@@ -195,19 +198,26 @@ def three_passes(form, gradient_sets: list[list[torch.Tensor]]) -> None:
 
 def largest_differences(tensors: dict, reference: dict, start: dict) -> dict[str, float]:
     """Per kind of tensor, the largest |difference| to the reference, as a fraction of the largest
-    change the reference made to the same tensor from ``start`` (moments start at zero)."""
+    change the reference made to the same tensor from ``start`` (moments start at zero). Each
+    reference tensor is brought to its counterpart's device, one at a time."""
 
     def fraction(a, b, before):
-        change = (b - before).abs().max() if before is not None else b.abs().max()
+        a, b = a.double(), b.to(a.device, torch.float64)
+        change = (b - before.to(a.device, torch.float64)).abs().max() if before is not None else b.abs().max()
         return ((a - b).abs().max() / change.clamp_min(1e-30)).item()
 
     return {
         kind: max(
-            fraction(a.double(), b.double(), None if kind not in start else start[kind][i].double())
+            fraction(a, b, start[kind][i] if kind in start else None)
             for i, (a, b) in enumerate(zip(tensors[kind], reference[kind], strict=True))
         )
         for kind in reference
     }
+
+
+def on_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``tensors`` in host memory."""
+    return [t.detach().to("cpu", copy=True) for t in tensors]
 
 
 def gradient_sets(params: list[torch.Tensor], seed: int = 0) -> list[list[torch.Tensor]]:
@@ -220,10 +230,13 @@ def gradient_sets(params: list[torch.Tensor], seed: int = 0) -> list[list[torch.
     return [first, poisoned, third]
 
 
-def compare_forms(sit: nn.Module, compile: bool, forms=FORMS) -> dict[str, dict]:
-    """Run each form's three passes from the SiT's state; each form's differences to the first's,
-    and the form itself (for timing), by name."""
-    initial = {name: t.detach().clone() for name, t in sit.state_dict().items()}
+def compare_forms(
+    sit: nn.Module, compile: bool, forms=FORMS, measure: Callable | None = None
+) -> dict[str, dict]:
+    """Run each form's three passes from the SiT's state and compare it with the first form; with
+    ``measure``, add what ``measure(form)`` returns (its timings) before the form is dropped. By
+    form name: the seconds of the three passes, the differences, and the measurements."""
+    initial = {name: t.detach().to("cpu", copy=True) for name, t in sit.state_dict().items()}
     grads = gradient_sets([p for p in sit.parameters() if p.requires_grad])
     results, reference, start = {}, None, None
     for name, make_form in forms.items():
@@ -232,22 +245,23 @@ def compare_forms(sit: nn.Module, compile: bool, forms=FORMS) -> dict[str, dict]
         torch._foreach_mul_(list(ema.parameters()), 0.5)  # the EMA must move every tensor
         form = make_form(sit, ema, compile)
         if start is None:
-            start = {
-                "weights": [p.detach().clone() for p in form.params],
-                "ema": [p.clone() for p in form.ema_params],
-            }
+            start = {"weights": on_host(form.params), "ema": on_host(form.ema_params)}
         began = time.perf_counter()
         three_passes(form, grads)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        first_call_s = time.perf_counter() - began
-        tensors = {kind: [t.detach().clone() for t in ts] for kind, ts in form.tensors().items()}
-        reference = reference or tensors
+        seconds = time.perf_counter() - began
+        if reference is None:
+            reference = {kind: on_host(tensors) for kind, tensors in form.tensors().items()}
         results[name] = {
-            "form": form,
-            "first_three_passes_s": first_call_s,
-            "largest_difference_over_change": largest_differences(tensors, reference, start),
+            "first_three_passes_s": seconds,
+            "largest_difference_over_change": largest_differences(form.tensors(), reference, start),
+            **(measure(form) if measure else {}),
         }
+        print(name, results[name], flush=True)
+        del form, ema
+        for p in sit.parameters():
+            p.grad = None  # fused AdamW's gradients
     return results
 
 
@@ -267,18 +281,16 @@ def main(argv: list[str] | None = None) -> None:
         "sit": args.sit,
         "parameters": sum(p.numel() for p in params),
     }
-    compared = compare_forms(sit, compile=True)
-    grads = gradient_sets(params)[0]
-    finite, divisor = finite_and_divisor(grads)
-    results["forms"] = {}
-    for name, entry in compared.items():
-        form = entry.pop("form")
+    grads = gradient_sets(params, seed=1)[0]
+    finite, divisor = torch.tensor(True, device="cuda"), torch.ones((), device="cuda")
 
-        def one_pass(form=form) -> None:
+    def timings(form) -> dict[str, float]:
+        def one_pass() -> None:
             form(grads, finite, divisor)
 
-        results["forms"][name] = {"gpu_ms": gpu_ms(one_pass), "host_ms": host_ms(one_pass), **entry}
-        print(name, results["forms"][name], flush=True)
+        return {"gpu_ms": gpu_ms(one_pass), "host_ms": host_ms(one_pass)}
+
+    results["forms"] = compare_forms(sit, compile=True, measure=timings)
     report(results, args.output)
 
 
