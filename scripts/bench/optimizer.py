@@ -22,12 +22,13 @@ form, is not timed). Forms:
 The candidates average the parameters; the BatchNorm buffers' EMA (a few numbers) is left out of
 them. For each form: after three passes from the same state (the second one skipped, its gradients
 holding a NaN), the largest difference of the weights, moments and EMA to the first form's, as a
-fraction of the largest change the first form made to that tensor (rounding gives ~1e-3 or less; a
-skipped step counted as taken gives ~0.07, a wrong formula more), and the seconds those three passes
+fraction of the largest change the first form made to that tensor (rounding gives ~1e-3 or less,
+a wrong formula or skip more: the tests take 1e-2 as the line), and the seconds those three passes
 took (compilation included); then the GPU milliseconds of one pass and the host milliseconds to
 queue one, timed with a clip divisor of 1 (the bytes moved are the same, and the gradients fused
-AdamW writes back keep their values from pass to pass). One form's state is alive at a time, the
-reference on the host: ~25 GiB of GPU memory for an XL SiT.
+AdamW writes back keep their values from pass to pass). One form's state is alive at a time and
+the reference is kept on the host: for an XL SiT, its weights, four sets of gradients and one form's
+moments and EMA, ~20 GiB of GPU memory, plus what a compiled form allocates for itself.
 """
 
 from __future__ import annotations
