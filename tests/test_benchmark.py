@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from repae.benchmarking import module_input_shapes, working_tree_hash
 from repae.kernels import use_fast_kernels
 from repae.modules import vae as vae_module
-from repae.modules.sit import build_sit
+from repae.modules.sit import SiTBlock, build_sit
 from scripts import benchmark
 from scripts.bench import ema as benchmark_ema
-from scripts.bench import optimizer
+from scripts.bench import linear, optimizer
 
 from test_ema import a_model_and_its_ema, train_a_little
 
@@ -188,3 +189,30 @@ def test_a_profile_counts_the_compiled_emas_foreach_kernels_apart_from_inductors
         "attention",
         "matmul (cuBLAS)",
     ]
+
+
+def test_the_fp32_weight_gradient_linear_gives_todays_block_with_weight_gradients_not_rounded_to_bf16():
+    torch.manual_seed(0)
+    block = SiTBlock(64, 4)
+    candidate = linear.with_fp32_weight_grads(block)
+    x, c = torch.randn(2, 16, 64), torch.randn(2, 64)
+    outputs = {}
+    for name, form in (("today", block), ("candidate", candidate)):
+        x_form = x.clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16):
+            outputs[name] = form(x_form, c)
+        outputs[name].float().square().mean().backward()
+        outputs[name + "_input_grad"] = x_form.grad
+    assert torch.equal(outputs["today"], outputs["candidate"])
+    assert torch.equal(outputs["today_input_grad"], outputs["candidate_input_grad"])
+    linears = [
+        (a, b) for a, b in zip(block.modules(), candidate.modules(), strict=True) if isinstance(a, nn.Linear)
+    ]
+    assert len(linears) == 5 and all(
+        type(b) is linear.Fp32WeightGradLinear for _, b in linears
+    )  # qkv, proj, fc1, fc2, adaLN
+    for today, fp32 in linears:
+        for p_today, p_fp32 in ((today.weight, fp32.weight), (today.bias, fp32.bias)):
+            # today's gradient is the candidate's rounded to bf16
+            assert torch.allclose(p_fp32.grad, p_today.grad, rtol=2**-8, atol=0)
+            assert not torch.equal(p_fp32.grad, p_fp32.grad.bfloat16().float())
