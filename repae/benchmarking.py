@@ -52,6 +52,35 @@ def time_ms(function, repeats: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def gpu_ms(function, repeats: int = 3) -> float:
+    """Mean GPU milliseconds of ``function()``: its kernels are queued while the GPU sleeps, so the
+    events time their execution, not the host's launches (a few calls: the launch queue holds
+    ~1000 kernels)."""
+    for _ in range(3):
+        function()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(400_000_000)  # ~0.2 s at the H100's clock: longer than the host needs to queue
+    start.record()
+    for _ in range(repeats):
+        function()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def host_ms(function, repeats: int = 10) -> float:
+    """Mean milliseconds the host spends in ``function()`` when the GPU keeps up (not synchronised
+    inside the timed calls)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return 1e3 * elapsed / repeats
+
+
 def cpu_model() -> str:
     """The CPU's model name from ``/proc/cpuinfo`` (``"unknown"`` where there is none)."""
     try:

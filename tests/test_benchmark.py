@@ -216,3 +216,17 @@ def test_the_fp32_weight_gradient_linear_gives_todays_block_with_weight_gradient
             # today's gradient is the candidate's rounded to bf16
             assert torch.allclose(p_fp32.grad, p_today.grad, rtol=2**-8, atol=0)
             assert not torch.equal(p_fp32.grad, p_fp32.grad.bfloat16().float())
+
+
+def test_compiled_the_fp32_weight_gradient_linears_weight_gradients_are_still_not_rounded_to_bf16():
+    torch.manual_seed(0)
+    candidate = linear.with_fp32_weight_grads(SiTBlock(64, 4))
+    compiled = torch.compile(candidate, backend="aot_eager", fullgraph=True)
+    linear.forward_backward(compiled, torch.randn(2, 16, 64), torch.randn(2, 64), autocast=True)
+    weights = [
+        layer.weight for layer in candidate.modules() if isinstance(layer, linear.Fp32WeightGradLinear)
+    ]
+    assert len(weights) == 5
+    for weight in weights:
+        assert weight.grad.dtype == torch.float32
+        assert not torch.equal(weight.grad, weight.grad.bfloat16().float())

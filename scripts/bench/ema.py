@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from repae.benchmarking import report
+from repae.benchmarking import gpu_ms, host_ms, report
 from repae.modules.ema import EMAUpdate, make_ema, update_ema
 from repae.modules.sit import SIT_MODEL_NAMES, build_sit
 
@@ -67,35 +67,6 @@ def averaged_tensors(ema: nn.Module, model: nn.Module) -> tuple[list[torch.Tenso
     """The EMA's and the model's tensors that an ``EMAUpdate`` averages."""
     update = EMAUpdate(ema, model)
     return update.ema_tensors, update.model_tensors
-
-
-def gpu_ms(function, repeats: int = 3) -> float:
-    """Mean GPU milliseconds of ``function()``: its kernels are queued while the GPU sleeps, so the
-    events time their execution, not the host's launches (a few calls: the launch queue holds
-    ~1000 kernels)."""
-    for _ in range(3):
-        function()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(400_000_000)  # ~0.2 s at the H100's clock: longer than the host needs to queue
-    start.record()
-    for _ in range(repeats):
-        function()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
-def host_ms(function, repeats: int = 10) -> float:
-    """Mean milliseconds the host spends in ``function()`` when the GPU keeps up (not synchronised
-    inside the timed calls)."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        function()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return 1e3 * elapsed / repeats
 
 
 def main() -> None:
