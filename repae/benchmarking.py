@@ -104,16 +104,30 @@ def git(root: Path, *args: str, env: dict | None = None) -> str | None:
     return done.stdout.strip()
 
 
+# Untracked files larger than this are data someone keeps in the checkout, not code: hashing them
+# into the tree would copy them into .git/objects.
+LARGEST_UNTRACKED_FILE = 10 * 2**20
+
+
 def working_tree_hash(root: Path) -> str | None:
     """The git tree hash of the files in ``root``'s working tree, tracked and untracked (ignored ones
-    left out): equal to ``git rev-parse <commit>^{tree}`` when the files are that commit's, whatever
-    the repository's metadata says. Files a run writes into the checkout outside the ignored
-    folders (``logs/``, ``outputs/``) count too. Made through a scratch index, so the repository's
-    own index and staged changes stay as they are (``git add`` stores the files' blobs in
-    ``.git/objects``, as any ``git add`` does)."""
+    and untracked ones over ``LARGEST_UNTRACKED_FILE`` left out): equal to ``git rev-parse
+    <commit>^{tree}`` when the files are that commit's, whatever the repository's metadata says.
+    Files a run writes into the checkout outside the ignored folders (``logs/``, ``outputs/``)
+    count too. Made through a scratch index, so the repository's own index and staged changes stay
+    as they are (``git add`` stores the files' blobs in ``.git/objects``, as any ``git add`` does)."""
+    untracked = git(root, "ls-files", "--others", "--exclude-standard", "-z")
+    if untracked is None:
+        return None
+    large = [
+        name
+        for name in untracked.split("\0")
+        if name and (root / name).stat().st_size > LARGEST_UNTRACKED_FILE
+    ]
     with tempfile.TemporaryDirectory() as scratch:
         scratch_index = {**os.environ, "GIT_INDEX_FILE": os.path.join(scratch, "index")}
-        if git(root, "add", "--all", env=scratch_index) is None:
+        excluded = [f":(exclude,literal){name}" for name in large]
+        if git(root, "add", "--all", "--", ".", *excluded, env=scratch_index) is None:
             return None
         return git(root, "write-tree", env=scratch_index)
 

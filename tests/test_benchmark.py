@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from repae.benchmarking import module_input_shapes, working_tree_hash
+from repae.benchmarking import LARGEST_UNTRACKED_FILE, module_input_shapes, working_tree_hash
 from repae.kernels import use_fast_kernels
 from repae.modules import vae as vae_module
 from repae.modules.sit import SiTBlock, build_sit
@@ -166,6 +166,10 @@ def test_a_results_tree_hash_is_its_commits_when_the_files_are_that_commits_what
     git("add", "model.py")
     git("commit", "-q", "-m", "second")
     assert git("rev-parse", "HEAD^{tree}") == changed  # the hash names the commit of those files
+    # data kept in the checkout is no code, and is not copied into .git/objects
+    (tmp_path / "images [1].h5").write_bytes(b"\0" * (LARGEST_UNTRACKED_FILE + 1))
+    assert working_tree_hash(tmp_path) == changed
+    (tmp_path / "images [1].h5").unlink()
     (tmp_path / "new_script.py").write_text("print(1)\n")  # untracked files ran too
     assert working_tree_hash(tmp_path) != changed
     assert git("status", "--porcelain") == "?? new_script.py"  # the repository's index is untouched
