@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from repae.git import git
 from repae.modules.vae import VAE_CONFIGS, build_vae
 
 
@@ -92,21 +92,18 @@ def cpu_model() -> str:
     return "unknown"
 
 
-def git(root: Path, *args: str, env: dict | None = None) -> str | None:
-    """The output of ``git args`` in ``root``, stripped; None if git is missing, fails or hangs
-    (a network file system)."""
-    try:
-        done = subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, check=True, env=env, timeout=60
-        )
-    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip()
-
-
 # Untracked files larger than this are data someone keeps in the checkout, not code: hashing them
 # into the tree would copy them into .git/objects.
 LARGEST_UNTRACKED_FILE = 10 * 2**20
+
+
+def untracked_size(path: Path) -> int:
+    """The bytes ``git add`` would store for ``path``: a link's own, not its target's; 0 if it has
+    gone since git listed it."""
+    try:
+        return path.lstat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def working_tree_hash(root: Path) -> str | None:
@@ -122,7 +119,7 @@ def working_tree_hash(root: Path) -> str | None:
     large = [
         name
         for name in untracked.split("\0")
-        if name and (root / name).stat().st_size > LARGEST_UNTRACKED_FILE
+        if name and untracked_size(root / name) > LARGEST_UNTRACKED_FILE
     ]
     with tempfile.TemporaryDirectory() as scratch:
         scratch_index = {**os.environ, "GIT_INDEX_FILE": os.path.join(scratch, "index")}

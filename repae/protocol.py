@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import repae
-from repae.benchmarking import git
+from repae.git import git
 
 FID_50K = 50_000
 CHUNK_BYTES = 16 * 2**20

@@ -336,7 +336,9 @@ def fd_rows(directory: Path, arm: str, seed: int, steps: list[int] | None = None
     (EMA), and as diagnostics the raw SiT's FD and the means of the ``DIAGNOSTICS`` logged since the
     previous scheduled step; ``arm`` and ``seed`` label the rows. Only scheduled steps are compared
     across arms; a run stopped by a signal before e28f2ec also logged an FD at the step it stopped at."""
-    scheduled = sorted(steps or OmegaConf.load(directory / "config.yaml").callbacks.fid.steps)
+    scheduled = sorted(
+        steps if steps is not None else OmegaConf.load(directory / "config.yaml").callbacks.fid.steps
+    )
     with open(directory / "csv" / "metrics.csv") as f:
         logged = list(csv.DictReader(f))
 
