@@ -377,7 +377,6 @@ def main() -> None:
     images_per_second = args.batch_size * args.devices / step_time
     results = {
         "overrides": args.overrides,
-        "device": torch.cuda.get_device_name(),
         "devices": args.devices,
         "batch_size_per_gpu": args.batch_size,
         "precision": str(cfg.trainer.precision),

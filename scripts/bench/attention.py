@@ -68,7 +68,6 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
     results = {
-        "device": torch.cuda.get_device_name(),
         "matmul_tflops": matmul_tflops(),
         "batch_size": args.batch_size,
         "shapes": {},

@@ -133,7 +133,6 @@ def main() -> None:
         )
     report(
         {
-            "device": torch.cuda.get_device_name(),
             "vae": args.vae,
             "batch_size": args.batch_size,
             "resolution": args.resolution,

@@ -79,7 +79,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_sit(args.sit, in_channels=4, input_size=32, z_dims=[768]).cuda()
     finite = torch.tensor(True, device="cuda")
-    results = {"device": torch.cuda.get_device_name(), "sit": args.sit, "forms": {}}
+    results = {"sit": args.sit, "forms": {}}
     reference = None
     for name, make_form in FORMS.items():
         ema = make_ema(model)

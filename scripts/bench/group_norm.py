@@ -86,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     counts = Counter(module_input_shapes(args.vae, args.batch_size, args.resolution, GroupNorm))
     counts = {shape: norms for shape, norms in counts.items() if shape[2] >= args.min_size}
-    results = {"device": torch.cuda.get_device_name(), "vae": args.vae, "shapes": {}}
+    results = {"vae": args.vae, "shapes": {}}
     for shape, norms in sorted(counts.items(), key=lambda item: -item[0][2]):
         torch.manual_seed(0)
         channels = shape[1]

@@ -221,14 +221,18 @@ def on_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.detach().to("cpu", copy=True) for t in tensors]
 
 
+def random_gradients(params: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+    """One gradient for each of ``params``, small and random."""
+    return [torch.randn(p.shape, device=p.device, generator=generator) * 1e-3 for p in params]
+
+
 def gradient_sets(params: list[torch.Tensor], seed: int = 0) -> list[list[torch.Tensor]]:
     """Three sets of gradients for ``params``: random, the first with a NaN, random again."""
     generator = torch.Generator(device=params[0].device).manual_seed(seed)
-    first = [torch.randn(p.shape, device=p.device, generator=generator) * 1e-3 for p in params]
+    first = random_gradients(params, generator)
     poisoned = [g.clone() for g in first]
     poisoned[0].view(-1)[0] = float("nan")
-    third = [torch.randn(p.shape, device=p.device, generator=generator) * 1e-3 for p in params]
-    return [first, poisoned, third]
+    return [first, poisoned, random_gradients(params, generator)]
 
 
 def compare_forms(
@@ -286,11 +290,10 @@ def main(argv: list[str] | None = None) -> None:
     sit = build_sit(args.sit, in_channels=32, input_size=16, z_dims=[768]).cuda()
     params = [p for p in sit.parameters() if p.requires_grad]
     results = {
-        "device": torch.cuda.get_device_name(),
         "sit": args.sit,
         "parameters": sum(p.numel() for p in params),
     }
-    grads = gradient_sets(params, seed=1)[0]
+    grads = random_gradients(params, torch.Generator(device="cuda").manual_seed(1))
     finite, divisor = torch.tensor(True, device="cuda"), torch.ones((), device="cuda")
 
     def timings(form) -> dict[str, float]:

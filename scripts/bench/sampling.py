@@ -76,7 +76,6 @@ def main() -> None:
     result = {
         **vars(args),
         "output": None,
-        "device": torch.cuda.get_device_name(),
         "images_per_second": args.batch_size / per_batch,
         "first_batch_s": times[0],
     }

@@ -47,7 +47,7 @@ def main() -> None:
     args = vae_argument_parser(__doc__).parse_args()
     torch.backends.cudnn.benchmark = True
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    results = {"device": torch.cuda.get_device_name(), "vae": args.vae, "batch_size": args.batch_size}
+    results = {"vae": args.vae, "batch_size": args.batch_size}
     results["channels_last"], results["shapes"] = args.channels_last, {}
     shapes = module_input_shapes(args.vae, args.batch_size, args.resolution, Upsample)
     for shape in shapes:

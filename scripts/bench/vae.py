@@ -52,7 +52,6 @@ def main() -> None:
             print(f"first step {times[0]:.1f} s", flush=True)
     seconds = statistics.median(times[args.warmup :])
     result = {
-        "device": torch.cuda.get_device_name(),
         "vae": args.vae,
         "batch_size": args.batch_size,
         "resolution": args.resolution,
